@@ -1,0 +1,139 @@
+"""System checks: unsafe configuration fails at startup, not under the first retry storm.
+
+Every ID is listed in ``CHECK_IDS`` and documented in ``docs/settings.md``; IDs are never reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from django_idempotency.conf import settings
+
+CHECK_IDS = {
+    "E001": "IDEMPOTENCY_STORE cannot be loaded",
+    "E002": "a numeric setting is out of range",
+    "E003": "IDEMPOTENCY_METHODS names a safe method",
+    "E004": "IDEMPOTENCY_DATABASE is not a configured database",
+    "E005": "a dotted-path setting cannot be imported",
+    "E006": "IDEMPOTENCY_CACHE_ALIAS is not a configured cache",
+    "E007": "the cache store is backed by a cache without cross-process atomic add",
+    "W001": "ATOMIC_REQUESTS is on for the idempotency database",
+    "W002": "IDEMPOTENCY_FAIL_OPEN runs views unprotected when the store is down",
+    "W003": "the cache store is backed by the database cache",
+}
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+def _error(check_id: str, msg: str, hint: str) -> checks.CheckMessage:
+    level = checks.Error if check_id.startswith("E") else checks.Warning
+    return level(msg, hint=hint, id=f"django_idempotency.{check_id}")
+
+
+def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[Any]:
+    errors: list[checks.CheckMessage] = []
+    from django_idempotency.storage import storage_class
+
+    try:
+        storage_class()
+    except ImproperlyConfigured as exc:
+        errors.append(
+            _error("E001", str(exc), 'Use "db", "cache" or the dotted path of a BaseStorage.')
+        )
+    numbers = {
+        "IDEMPOTENCY_TTL": settings.IDEMPOTENCY_TTL,
+        "IDEMPOTENCY_LEASE": settings.IDEMPOTENCY_LEASE,
+        "IDEMPOTENCY_RETRY_AFTER": settings.IDEMPOTENCY_RETRY_AFTER,
+        "IDEMPOTENCY_KEY_MIN_LENGTH": settings.IDEMPOTENCY_KEY_MIN_LENGTH,
+    }
+    for name, value in numbers.items():
+        if value < 1:
+            errors.append(
+                _error("E002", f"{name} must be at least 1, not {value}.", f"Raise {name}.")
+            )
+    if settings.IDEMPOTENCY_LEASE > settings.IDEMPOTENCY_TTL:
+        errors.append(
+            _error(
+                "E002",
+                "IDEMPOTENCY_LEASE is longer than IDEMPOTENCY_TTL.",
+                "A record must outlive its lease; lower the lease or raise the TTL.",
+            )
+        )
+    if not settings.IDEMPOTENCY_KEY_MIN_LENGTH <= settings.IDEMPOTENCY_KEY_MAX_LENGTH:
+        errors.append(
+            _error(
+                "E002",
+                "IDEMPOTENCY_KEY_MAX_LENGTH is below IDEMPOTENCY_KEY_MIN_LENGTH.",
+                "Keys between 1 and 255 characters fit every client library.",
+            )
+        )
+    if settings.IDEMPOTENCY_WAIT < 0 or settings.IDEMPOTENCY_MAX_RESPONSE_SIZE < 0:
+        errors.append(
+            _error(
+                "E002",
+                "IDEMPOTENCY_WAIT and IDEMPOTENCY_MAX_RESPONSE_SIZE cannot be negative.",
+                "Use 0 to disable waiting or storing bodies.",
+            )
+        )
+    safe = sorted(settings.IDEMPOTENCY_METHODS & SAFE_METHODS)
+    if safe:
+        errors.append(
+            _error(
+                "E003",
+                f"IDEMPOTENCY_METHODS includes safe methods: {', '.join(safe)}.",
+                "Safe methods are idempotent by definition (RFC 9110 §9.2.1); protect POST, "
+                "PATCH and, where needed, PUT and DELETE.",
+            )
+        )
+    for name in ("IDEMPOTENCY_SCOPE_RESOLVER", "IDEMPOTENCY_FINGERPRINT"):
+        path = getattr(settings, name)
+        try:
+            import_string(path)
+        except ImportError as exc:
+            errors.append(_error("E005", f"{name} = {path!r} cannot be imported: {exc}", ""))
+    if settings.IDEMPOTENCY_FAIL_OPEN:
+        errors.append(
+            _error(
+                "W002",
+                "IDEMPOTENCY_FAIL_OPEN is on: while the store is down, retries run views again.",
+                "Leave it off for payments; silence this check if you accepted the risk.",
+            )
+        )
+    if settings.IDEMPOTENCY_STORE == "db":
+        errors.extend(_check_database())
+    return errors
+
+
+def _check_database() -> list[checks.CheckMessage]:
+    alias = settings.IDEMPOTENCY_DATABASE
+    databases = django_settings.DATABASES
+    if alias not in databases:
+        return [
+            _error(
+                "E004",
+                f"IDEMPOTENCY_DATABASE = {alias!r} is not in DATABASES.",
+                f"Add it or choose one of: {', '.join(databases)}.",
+            )
+        ]
+    if databases[alias].get("ATOMIC_REQUESTS"):
+        return [
+            _error(
+                "W001",
+                f"ATOMIC_REQUESTS is on for {alias!r}: a claim made inside the request's "
+                "transaction stays invisible to other workers until the view ends.",
+                "IdempotencyMixin and @idempotent wrap the view in their own transaction; mark "
+                "protected views with @transaction.non_atomic_requests, or turn "
+                "ATOMIC_REQUESTS off.",
+            )
+        ]
+    return []
+
+
+def register() -> None:
+    checks.register(check_settings, "django_idempotency")

@@ -1,0 +1,210 @@
+"""``@idempotent`` for Django function views, DRF ``@api_view`` functions and viewset actions."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any, TypeVar, overload
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+
+from django_idempotency.core import (
+    Fingerprinter,
+    Flight,
+    Idempotency,
+    Policy,
+    ReplayHook,
+    ScopeResolver,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Set on the Django request once an integration has taken charge of it, so that an action
+# decorated with @idempotent inside a viewset that also uses the mixin is not claimed twice.
+HANDLED_ATTR = "_idempotency_handled"
+
+WRONG_ORDER = (
+    "@idempotent must come after (below) @api_view, so that it runs after DRF authentication:\n\n"
+    "    @api_view(['POST'])\n"
+    "    @idempotent\n"
+    "    def my_view(request):\n"
+    "        ...\n\n"
+    "For class-based DRF views use IdempotencyMixin instead."
+)
+
+
+@overload
+def idempotent(view: F, /) -> F: ...
+
+
+@overload
+def idempotent(
+    *,
+    required: bool | None = None,
+    methods: Iterable[str] | None = None,
+    ttl: int | None = None,
+    lease: int | None = None,
+    store_server_errors: bool | None = None,
+    atomic: bool | None = None,
+    wait: float | None = None,
+    scope: ScopeResolver | None = None,
+    fingerprint: Fingerprinter | None = None,
+    replay_headers: ReplayHook | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Callable[[F], F]: ...
+
+
+def idempotent(
+    view: Callable[..., Any] | None = None,
+    /,
+    *,
+    required: bool | None = None,
+    methods: Iterable[str] | None = None,
+    ttl: int | None = None,
+    lease: int | None = None,
+    store_server_errors: bool | None = None,
+    atomic: bool | None = None,
+    wait: float | None = None,
+    scope: ScopeResolver | None = None,
+    fingerprint: Fingerprinter | None = None,
+    replay_headers: ReplayHook | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> Any:
+    """Make a view run once per ``Idempotency-Key``; options left ``None`` follow the settings."""
+    policy = Policy(
+        required=required,
+        methods=frozenset(m.upper() for m in methods) if methods is not None else None,
+        ttl=ttl,
+        lease=lease,
+        store_server_errors=store_server_errors,
+        atomic=atomic,
+        wait=wait,
+        scope=scope,
+        fingerprint=fingerprint,
+        replay_headers=replay_headers,
+    )
+
+    def decorate(func: F) -> F:
+        view_class = getattr(func, "cls", None)
+        if isinstance(view_class, type) and hasattr(view_class, "initialize_request"):
+            raise TypeError(WRONG_ORDER)
+        if inspect.iscoroutinefunction(func):
+            return _async_wrapper(func, policy, clock)  # type: ignore[return-value]
+        return _sync_wrapper(func, policy, clock)  # type: ignore[return-value]
+
+    if view is not None:
+        return decorate(view)
+    return decorate
+
+
+def _find_request(args: tuple[Any, ...]) -> Any:
+    # Function views get the request first; methods (viewset actions) get it after ``self``.
+    for candidate in args[:2]:
+        if isinstance(candidate, HttpRequest) or isinstance(
+            getattr(candidate, "_request", None), HttpRequest
+        ):
+            return candidate
+    raise TypeError("@idempotent decorates views: the first argument must be the request.")
+
+
+def _claim_for(request: Any) -> bool:
+    django_request = getattr(request, "_request", request)
+    if getattr(django_request, HANDLED_ATTR, False):
+        return False
+    setattr(django_request, HANDLED_ATTR, True)
+    return True
+
+
+def _as_response(request: Any, exc: Exception) -> HttpResponseBase | None:
+    """Let DRF turn its own exceptions into responses, as it would for the mixin."""
+    view = getattr(request, "parser_context", {}).get("view")
+    if view is None or not hasattr(view, "handle_exception"):
+        return None
+    from rest_framework.exceptions import APIException
+
+    if not isinstance(exc, APIException):
+        return None
+    response: HttpResponseBase = view.handle_exception(exc)
+    return response
+
+
+def _bind_renderer(request: Any, response: HttpResponseBase) -> None:
+    """Give an unfinalised DRF ``Response`` the renderer DRF would, so its bytes can be stored.
+
+    ``@api_view`` finalises responses only after the decorated function returns; our result must
+    be stored before that, inside the view's transaction.
+    """
+    if not hasattr(response, "data") or getattr(response, "accepted_renderer", None) is not None:
+        return
+    view = getattr(request, "parser_context", {}).get("view")
+    renderer = getattr(request, "accepted_renderer", None)
+    if view is None or renderer is None:
+        return
+    response.accepted_renderer = renderer  # type: ignore[attr-defined]
+    response.accepted_media_type = request.accepted_media_type  # type: ignore[attr-defined]
+    response.renderer_context = view.get_renderer_context()  # type: ignore[attr-defined]
+
+
+def _sync_wrapper(
+    func: Callable[..., HttpResponseBase], policy: Policy, clock: Callable[[], datetime] | None
+) -> Callable[..., HttpResponseBase]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
+        request = _find_request(args)
+        if not _claim_for(request):
+            return func(*args, **kwargs)
+        outcome = Idempotency(policy, clock=clock).begin(request)
+        if outcome is None:
+            return func(*args, **kwargs)
+        if not isinstance(outcome, Flight):
+            return outcome
+        outcome.enter()
+        try:
+            response = func(*args, **kwargs)
+        except Exception as exc:
+            try:
+                converted = _as_response(request, exc)
+            except Exception:
+                outcome.fail(*sys.exc_info())
+                raise
+            if converted is None:
+                outcome.fail(*sys.exc_info())
+                raise
+            response = converted
+        except BaseException:
+            outcome.fail(*sys.exc_info())
+            raise
+        _bind_renderer(request, response)
+        return outcome.finish(response)
+
+    return wrapper
+
+
+def _async_wrapper(
+    func: Callable[..., Any], policy: Policy, clock: Callable[[], datetime] | None
+) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
+        request = _find_request(args)
+        if not _claim_for(request):
+            return await func(*args, **kwargs)  # type: ignore[no-any-return]
+        outcome = await sync_to_async(Idempotency(policy, clock=clock).begin)(request)
+        if outcome is None:
+            return await func(*args, **kwargs)  # type: ignore[no-any-return]
+        if not isinstance(outcome, Flight):
+            return outcome
+        # An async view cannot share the ORM store's synchronous transaction.
+        outcome.enter(atomic=False)
+        try:
+            response = await func(*args, **kwargs)
+        except BaseException:
+            await sync_to_async(outcome.fail)(*sys.exc_info())
+            raise
+        return await sync_to_async(outcome.finish)(response)
+
+    return wrapper

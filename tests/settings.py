@@ -1,0 +1,131 @@
+"""Test settings. The backend comes from the environment so one suite runs on every backend.
+
+``IDEMPOTENCY_TEST_DB``: ``sqlite`` (default), ``postgres`` or ``mariadb``.
+``IDEMPOTENCY_TEST_STORE``: ``db`` (default) or ``redis`` (the cache store on a real Redis).
+``IDEMPOTENCY_TEST_REQUIRE_SERVICES=1``: a backend that does not answer fails the run instead of
+skipping it (``.ci/run`` sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DB_BACKEND = os.environ.get("IDEMPOTENCY_TEST_DB", "sqlite")
+STORE_BACKEND = os.environ.get("IDEMPOTENCY_TEST_STORE", "db")
+REDIS_URL = os.environ.get("IDEMPOTENCY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+SECRET_KEY = "tests-only-not-secret"  # noqa: S105
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "tests.testapp.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_idempotency",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+}
+
+# The SQLite test database is a file, not shared memory, so that threads and server processes
+# in the concurrency tests each open a real connection and meet SQLite's real locking.
+_SQLITE_TEST_FILE = os.environ.get(
+    "IDEMPOTENCY_TEST_SQLITE_FILE",
+    str(Path(tempfile.gettempdir()) / f"django_idempotency_test_{os.getpid()}.sqlite3"),
+)
+
+DATABASES: dict[str, dict[str, Any]]
+if DB_BACKEND == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("PGDATABASE", "test"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+        }
+    }
+elif DB_BACKEND == "mariadb":
+    try:
+        import MySQLdb  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        import pymysql  # type: ignore[import-untyped]
+
+        pymysql.install_as_MySQLdb()
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": os.environ.get("MYSQL_DATABASE", "test"),
+            "USER": os.environ.get("MYSQL_USER", "root"),
+            "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("MYSQL_PORT", "3306"),
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_general_ci"},
+        }
+    }
+elif DB_BACKEND == "sqlite":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(Path(tempfile.gettempdir()) / "django_idempotency_dev.sqlite3"),
+            "OPTIONS": {"timeout": 20},
+            "TEST": {"NAME": _SQLITE_TEST_FILE},
+        }
+    }
+else:
+    raise RuntimeError(f"IDEMPOTENCY_TEST_DB={DB_BACKEND!r}: use sqlite, postgres or mariadb")
+
+if STORE_BACKEND == "redis":
+    IDEMPOTENCY_STORE = "cache"
+    IDEMPOTENCY_CACHE_ALIAS = "idempotency"
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "idempotency": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "idem-tests",
+        },
+    }
+elif STORE_BACKEND == "db":
+    IDEMPOTENCY_STORE = "db"
+else:
+    raise RuntimeError(f"IDEMPOTENCY_TEST_STORE={STORE_BACKEND!r}: use db or redis")

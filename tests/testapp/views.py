@@ -1,0 +1,166 @@
+"""The same payment endpoint behind every entry point, so one behaviour suite can cover them all.
+
+Failures are injected through ``SCRIPT`` (consumed one step per execution) rather than through the
+body, so that a retry is byte-for-byte the same request as the attempt that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action, api_view
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from django_idempotency import IdempotencyMixin, idempotent
+from tests.testapp.models import Payment
+
+SCRIPT: list[str] = []
+DELAY = 0.0
+HOOKS: list[Callable[[], None]] = []
+_lock = threading.Lock()
+
+
+def next_step() -> str:
+    with _lock:
+        return SCRIPT.pop(0) if SCRIPT else "ok"
+
+
+class PaymentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Payment
+        fields = ["id", "amount"]
+
+    def validate_amount(self, value: int) -> int:
+        if value <= 0:
+            raise serializers.ValidationError("must be positive")
+        return value
+
+
+def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpResponse:
+    """Create a payment; returns (status, payload, headers) or a finished special response."""
+    step = next_step()
+    if DELAY:
+        time.sleep(DELAY)
+    for hook in list(HOOKS):
+        hook()
+    serializer = PaymentSerializer(data=data)
+    serializer.is_valid(raise_exception=True)
+    payment = serializer.save(user=user if user.is_authenticated else None)
+    if step == "raise":
+        raise RuntimeError("payment provider exploded")
+    if step.isdigit():
+        return int(step), {"detail": f"failed with {step}"}, {}
+    if step == "stream":
+        return StreamingHttpResponse(iter([b"chunk-1,", b"chunk-2"]), status=201)
+    if step == "big":
+        return HttpResponse(b"x" * (2 * 1024 * 1024), status=201, content_type="text/plain")
+    headers = {"Location": f"/payments/{payment.pk}/", "ETag": f'"payment-{payment.pk}"'}
+    return status.HTTP_201_CREATED, serializer.data, headers
+
+
+def drf_response(request: Request) -> HttpResponse | Response:
+    result = perform(request.user, request.data)
+    if isinstance(result, HttpResponse | StreamingHttpResponse):
+        return result
+    code, payload, headers = result
+    response = Response(payload, status=code, headers=headers)
+    response.set_cookie("session-hint", "per-client")
+    return response
+
+
+class PaymentAPIView(IdempotencyMixin, APIView):
+    def post(self, request: Request) -> Any:
+        return drf_response(request)
+
+    def patch(self, request: Request) -> Any:
+        return drf_response(request)
+
+    def get(self, request: Request) -> Response:
+        return Response({"count": Payment.objects.count()})
+
+
+class RequiredPaymentAPIView(PaymentAPIView):
+    idempotency_required = True
+
+
+class PaymentViewSet(IdempotencyMixin, viewsets.GenericViewSet):
+    queryset = Payment.objects.all()
+    serializer_class = PaymentSerializer
+
+    def create(self, request: Request) -> Any:
+        return drf_response(request)
+
+    def partial_update(self, request: Request, pk: str | None = None) -> Any:
+        return drf_response(request)
+
+    def list(self, request: Request) -> Response:
+        return Response({"count": Payment.objects.count()})
+
+    @action(detail=False, methods=["post"])
+    def refund(self, request: Request) -> Any:
+        return drf_response(request)
+
+
+class ActionViewSet(viewsets.GenericViewSet):
+    """A viewset without the mixin whose action alone is protected by the decorator."""
+
+    queryset = Payment.objects.all()
+
+    @action(detail=False, methods=["post", "patch"])
+    @idempotent
+    def pay(self, request: Request) -> Any:
+        return drf_response(request)
+
+
+@api_view(["GET", "POST", "PATCH"])
+@idempotent
+def payment_api_view(request: Request) -> Any:
+    if request.method == "GET":
+        return Response({"count": Payment.objects.count()})
+    return drf_response(request)
+
+
+@api_view(["POST"])
+@idempotent(required=True)
+def required_api_view(request: Request) -> Any:
+    return drf_response(request)
+
+
+def _django_response(request: HttpRequest) -> HttpResponse:
+    data = json.loads(request.body or b"{}")
+    try:
+        result = perform(request.user, data)
+    except serializers.ValidationError as exc:
+        return JsonResponse(exc.detail, status=400, safe=False)
+    if isinstance(result, HttpResponse | StreamingHttpResponse):
+        return result
+    code, payload, headers = result
+    response = JsonResponse(payload, status=code, headers=headers)
+    response.set_cookie("session-hint", "per-client")
+    return response
+
+
+@idempotent
+def payment_django_view(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        return JsonResponse({"count": Payment.objects.count()})
+    return _django_response(request)
+
+
+@idempotent
+async def payment_async_view(request: HttpRequest) -> HttpResponse:
+    from asgiref.sync import sync_to_async
+
+    if request.method == "GET":
+        return JsonResponse({"count": await Payment.objects.acount()})
+    user = await request.auser()
+    request.user = user  # type: ignore[assignment]
+    return await sync_to_async(_django_response)(request)
