@@ -28,6 +28,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # decorated with @idempotent inside a viewset that also uses the mixin is not claimed twice.
 HANDLED_ATTR = "_idempotency_handled"
 
+# Set on every wrapper to the view's Policy, so that tools that only see the view function (the
+# OpenAPI extension in django_idempotency.openapi) can tell that it is protected, and how.
+POLICY_ATTR = "idempotency_policy"
+
 WRONG_ORDER = (
     "@idempotent must come after (below) @api_view, so that it runs after DRF authentication:\n\n"
     "    @api_view(['POST'])\n"
@@ -94,8 +98,11 @@ def idempotent(
         if isinstance(view_class, type) and hasattr(view_class, "initialize_request"):
             raise TypeError(WRONG_ORDER)
         if inspect.iscoroutinefunction(func):
-            return _async_wrapper(func, policy, clock)  # type: ignore[return-value]
-        return _sync_wrapper(func, policy, clock)  # type: ignore[return-value]
+            wrapper = _async_wrapper(func, policy, clock)
+        else:
+            wrapper = _sync_wrapper(func, policy, clock)
+        setattr(wrapper, POLICY_ATTR, policy)
+        return wrapper  # type: ignore[return-value]
 
     if view is not None:
         return decorate(view)
