@@ -13,9 +13,10 @@ import abc
 import contextlib
 import enum
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Literal
 
 
 class State(str, enum.Enum):
@@ -66,12 +67,41 @@ class Claim:
         return self.token is not None
 
 
+#: Rows per purge batch unless the caller says otherwise. Measured on PostgreSQL with
+#: ``bench/purge_bench.py`` (see ``docs/purge.md``): large enough that a million rows go in
+#: seconds, small enough that no batch holds its row locks for anything near a second.
+PURGE_BATCH_SIZE = 1000
+
+#: Why a purge stopped before it ran out of records: the caller's batch or time budget.
+PurgeStop = Literal["max_batches", "time_limit"]
+
+
+@dataclass(frozen=True)
+class PurgeBatch:
+    """One batch as it finishes, handed to ``purge_expired(progress=...)``."""
+
+    number: int
+    #: ``"expired"`` or ``"stale_in_flight"``: which condition selected the batch.
+    kind: str
+    #: Records deleted, or that a dry run would delete.
+    count: int
+    seconds: float
+
+
 @dataclass(frozen=True)
 class PurgeResult:
+    #: Records deleted, or that a dry run would delete; includes ``stale_in_flight``.
     deleted: int = 0
     batches: int = 0
     #: Per-batch durations in seconds, for ``--verbosity 2`` and the benchmark.
     batch_seconds: list[float] = field(default_factory=list)
+    #: The part of ``deleted`` that was in flight with a long-dead lease.
+    stale_in_flight: int = 0
+    dry_run: bool = False
+    #: Set when a budget ended the purge early; more expired records may remain.
+    stopped_by: PurgeStop | None = None
+    #: Wall-clock seconds of the whole purge.
+    seconds: float = 0.0
 
 
 def new_token() -> str:
@@ -132,14 +162,24 @@ class BaseStorage(abc.ABC):
         self,
         *,
         now: datetime,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         dry_run: bool = False,
         stale_in_flight: timedelta | None = None,
         max_batches: int | None = None,
         time_limit: float | None = None,
+        older_than: timedelta = timedelta(0),
+        progress: Callable[[PurgeBatch], None] | None = None,
     ) -> PurgeResult:
-        """Delete expired records in bounded batches; stores with native expiry do nothing."""
-        return PurgeResult()
+        """Delete expired records in bounded batches; stores with native expiry do nothing.
+
+        A record goes when ``expires_at <= now - older_than``; with ``stale_in_flight``, an
+        in-flight record also goes once its lease ended that long before ``now`` (its worker
+        died). Live records are never touched. ``max_batches`` and ``time_limit`` (seconds) are
+        budgets: the purge stops between batches and says so in ``PurgeResult.stopped_by``, so a
+        cron job can bound its run and pick up the rest next time. ``progress`` is called after
+        each batch. ``dry_run`` walks the same batches and deletes nothing.
+        """
+        return PurgeResult(dry_run=dry_run)
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:

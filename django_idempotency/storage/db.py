@@ -10,16 +10,23 @@ racing for the same dead record cannot both win.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db.models import Q
 
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
 from django_idempotency.storage.base import (
+    PURGE_BATCH_SIZE,
     BaseStorage,
     Claim,
+    PurgeBatch,
+    PurgeResult,
+    PurgeStop,
     Record,
     State,
     StoredResponse,
@@ -149,6 +156,111 @@ class DatabaseStorage(BaseStorage):
             scope=scope, key_hash=key_hash, owner_token=token, state=State.IN_FLIGHT.value
         )
 
+    def purge_expired(
+        self,
+        *,
+        now: datetime,
+        batch_size: int = PURGE_BATCH_SIZE,
+        dry_run: bool = False,
+        stale_in_flight: timedelta | None = None,
+        max_batches: int | None = None,
+        time_limit: float | None = None,
+        older_than: timedelta = timedelta(0),
+        progress: Callable[[PurgeBatch], None] | None = None,
+    ) -> PurgeResult:
+        """Walk the matching records by primary key, one short statement at a time.
+
+        A batch is a SELECT of at most ``batch_size`` primary keys (a plain read: no row locks on
+        PostgreSQL, MariaDB or SQLite) and a DELETE of those keys that repeats the condition, so a
+        record that a request re-claimed in between survives. In autocommit each DELETE commits
+        on its own, so a claim or a replay waits for at most one batch. Each pass resumes after
+        the last key it saw rather than rescanning from the start, so rows deleted by earlier
+        batches are not walked over again.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        passes: list[tuple[str, Q]] = [("expired", Q(expires_at__lte=now - older_than))]
+        if stale_in_flight is not None:
+            stale = Q(state=State.IN_FLIGHT.value, lease_expires_at__lte=now - stale_in_flight)
+            passes.append(("stale_in_flight", stale))
+        tally = _PurgeTally(started=time.monotonic())
+        try:
+            for kind, condition in passes:
+                if not self._purge_pass(
+                    kind, condition, tally, batch_size, dry_run, max_batches, time_limit, progress
+                ):
+                    break
+        except DatabaseError as exc:
+            raise StoreError(
+                f"purge failed after {tally.deleted} records in {tally.batches} batches: "
+                f"{exc.__class__.__name__}: {exc}"
+            ) from exc
+        return PurgeResult(
+            deleted=tally.deleted,
+            batches=tally.batches,
+            batch_seconds=tally.batch_seconds,
+            stale_in_flight=tally.stale_in_flight,
+            dry_run=dry_run,
+            stopped_by=tally.stopped_by,
+            seconds=time.monotonic() - tally.started,
+        )
+
+    def _purge_pass(
+        self,
+        kind: str,
+        condition: Q,
+        tally: _PurgeTally,
+        batch_size: int,
+        dry_run: bool,
+        max_batches: int | None,
+        time_limit: float | None,
+        progress: Callable[[PurgeBatch], None] | None,
+    ) -> bool:
+        """Run one condition to exhaustion; False when a budget stopped the purge."""
+        last_pk: object = None
+        while True:
+            if max_batches is not None and tally.batches >= max_batches:
+                tally.stopped_by = "max_batches"
+                return False
+            if time_limit is not None and time.monotonic() - tally.started >= time_limit:
+                tally.stopped_by = "time_limit"
+                return False
+            began = time.monotonic()
+            matching = self._objects.filter(condition)
+            if last_pk is not None:
+                matching = matching.filter(pk__gt=last_pk)
+            pks = list(matching.order_by("pk").values_list("pk", flat=True)[:batch_size])
+            if not pks:
+                return True
+            count = len(pks) if dry_run else self._delete_batch(pks, condition)
+            seconds = time.monotonic() - began
+            tally.add(kind, count, seconds)
+            if progress is not None:
+                progress(PurgeBatch(number=tally.batches, kind=kind, count=count, seconds=seconds))
+            if len(pks) < batch_size:
+                return True
+            last_pk = pks[-1]
+
+    def _delete_batch(self, pks: list[object], condition: Q) -> int:
+        # QuerySet.delete() loads every row into Python, response bodies included, as soon as
+        # any pre_delete or post_delete receiver is connected (audit apps connect them for all
+        # models). The raw DELETE never does; no model points at IdempotencyKey, so nothing
+        # cascades, and no delete signals are sent for purged records.
+        limit = connections[self.using].features.max_query_params
+        # Django assumes SQLite's old 999-parameter cap; leave room for the condition's own.
+        chunk = len(pks) if limit is None else max(1, limit - 10)
+        if len(pks) <= chunk:
+            return int(self._objects.filter(condition, pk__in=pks)._raw_delete(self.using))
+        with transaction.atomic(using=self.using):
+            return sum(
+                int(
+                    self._objects.filter(condition, pk__in=pks[i : i + chunk])._raw_delete(
+                        self.using
+                    )
+                )
+                for i in range(0, len(pks), chunk)
+            )
+
 
 _RECORD_FIELDS = (
     "fingerprint",
@@ -179,3 +291,22 @@ def _to_record(values: list[object]) -> Record:
         expires_at=expires,  # type: ignore[arg-type]
         response=response,
     )
+
+
+@dataclass
+class _PurgeTally:
+    """What a purge has done so far, kept outside the loop so a failure can report it."""
+
+    started: float
+    deleted: int = 0
+    stale_in_flight: int = 0
+    batches: int = 0
+    batch_seconds: list[float] = field(default_factory=list)
+    stopped_by: PurgeStop | None = None
+
+    def add(self, kind: str, count: int, seconds: float) -> None:
+        self.deleted += count
+        if kind == "stale_in_flight":
+            self.stale_in_flight += count
+        self.batches += 1
+        self.batch_seconds.append(seconds)
