@@ -107,6 +107,8 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         )
     if settings.IDEMPOTENCY_STORE == "db":
         errors.extend(_check_database())
+    elif settings.IDEMPOTENCY_STORE == "cache":
+        errors.extend(_check_cache())
     return errors
 
 
@@ -130,6 +132,53 @@ def _check_database() -> list[checks.CheckMessage]:
                 "IdempotencyMixin and @idempotent wrap the view in their own transaction; mark "
                 "protected views with @transaction.non_atomic_requests, or turn "
                 "ATOMIC_REQUESTS off.",
+            )
+        ]
+    return []
+
+
+def _check_cache() -> list[checks.CheckMessage]:
+    from django.core.cache.backends.db import DatabaseCache
+    from django.core.cache.backends.dummy import DummyCache
+    from django.core.cache.backends.filebased import FileBasedCache
+    from django.core.cache.backends.locmem import LocMemCache
+
+    alias = settings.IDEMPOTENCY_CACHE_ALIAS
+    caches = django_settings.CACHES
+    if alias not in caches:
+        return [
+            _error(
+                "E006",
+                f"IDEMPOTENCY_CACHE_ALIAS = {alias!r} is not in CACHES.",
+                f"Add it or choose one of: {', '.join(caches) or '(none)'}.",
+            )
+        ]
+    path = str(caches[alias].get("BACKEND", ""))
+    try:
+        backend = import_string(path)
+    except ImportError:
+        return []  # Django reports the unusable cache backend itself.
+    if not isinstance(backend, type):
+        return []
+    if issubclass(backend, (LocMemCache, FileBasedCache, DummyCache)):
+        return [
+            _error(
+                "E007",
+                f"The idempotency cache {alias!r} uses {backend.__name__}: it cannot make a claim "
+                "visible to every worker at once, so a retry on another process runs again.",
+                "Use Redis (django-redis or django.core.cache.backends.redis.RedisCache) or "
+                'IDEMPOTENCY_STORE = "db". For single-process development on LocMemCache, add '
+                '"django_idempotency.E007" to SILENCED_SYSTEM_CHECKS.',
+            )
+        ]
+    if issubclass(backend, DatabaseCache):
+        return [
+            _error(
+                "W003",
+                f"The idempotency cache {alias!r} is the database cache: completion and release "
+                "are a read then a write there, not one atomic step.",
+                'IDEMPOTENCY_STORE = "db" uses the same database with a unique constraint and '
+                "transactional completion; prefer it, or Redis.",
             )
         ]
     return []
