@@ -1,0 +1,579 @@
+"""The cache store against a real Redis, through both Django Redis backends.
+
+Every test that needs Redis uses its own key prefix on a database of its own (not the one the
+redis test matrix uses), and deletes what it wrote. Without Redis the tests skip with a reason,
+unless IDEMPOTENCY_TEST_REQUIRE_SERVICES=1, where they run and fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from django.core.checks import Error, Warning
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import Client
+from django.utils import timezone
+
+from django_idempotency.checks import check_settings
+from django_idempotency.exceptions import StoreError
+from django_idempotency.keys import hash_key
+from django_idempotency.storage import get_storage
+from django_idempotency.storage.base import State, StoredResponse
+from django_idempotency.storage.cache import CacheStorage
+from tests.behaviour import fingerprint_for
+from tests.testapp import views
+from tests.testapp.models import Payment
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+# Database 15 belongs to the redis matrix (tests/settings.py); these tests keep to 14.
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/14"
+REQUIRE_SERVICES = os.environ.get("IDEMPOTENCY_TEST_REQUIRE_SERVICES") == "1"
+
+LEASE = timedelta(seconds=60)
+TTL = timedelta(hours=24)
+SCOPE = "user:7"
+
+BACKENDS = {
+    "django-redis": "django_redis.cache.RedisCache",
+    "django-builtin": "django.core.cache.backends.redis.RedisCache",
+}
+
+
+def _redis_answers() -> bool:
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(
+    not REQUIRE_SERVICES and not _redis_answers(),
+    reason=f"Redis is not answering at {REDIS_HOST}:{REDIS_PORT} (start it to test the cache "
+    "store; IDEMPOTENCY_TEST_REQUIRE_SERVICES=1 turns this skip into a failure)",
+)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _use_cache(settings: Any, backend: str, location: str, **extra: Any) -> None:
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "idem": {"BACKEND": backend, "LOCATION": location, **extra},
+    }
+    settings.IDEMPOTENCY_STORE = "cache"
+    settings.IDEMPOTENCY_CACHE_ALIAS = "idem"
+
+
+@pytest.fixture
+def raw() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=list(BACKENDS), ids=list(BACKENDS))
+def prefix(request: pytest.FixtureRequest, settings: Any, raw: redis.Redis) -> Iterator[str]:
+    """A Redis-backed idempotency cache with its own KEY_PREFIX and a non-default VERSION."""
+    name = f"idem-test-{uuid.uuid4().hex[:12]}"
+    _use_cache(settings, BACKENDS[request.param], REDIS_URL, KEY_PREFIX=name, VERSION=3)
+    yield name
+    keys = list(raw.scan_iter(match=f"{name}:*"))
+    if keys:
+        raw.delete(*keys)
+
+
+@pytest.fixture
+def store(prefix: str) -> CacheStorage:
+    storage = get_storage()
+    assert isinstance(storage, CacheStorage)
+    return storage
+
+
+def _now() -> datetime:
+    return timezone.now()
+
+
+def _claim(store: CacheStorage, key: str, fingerprint: str = "fp-1", **kw: Any) -> Any:
+    kw.setdefault("now", _now())
+    kw.setdefault("lease", LEASE)
+    kw.setdefault("ttl", TTL)
+    return store.claim(SCOPE, key, fingerprint, **kw)
+
+
+RESPONSE = StoredResponse(
+    status=201,
+    headers=(("Content-Type", "application/json"), ("Location", "/payments/1/")),
+    body=b'{"id": 1}',
+)
+
+
+# --- store-level semantics -------------------------------------------------------------------
+
+
+@needs_redis
+def test_first_claim_wins_and_duplicates_see_the_record(store: CacheStorage) -> None:
+    now = _now()
+    first = _claim(store, "k", now=now)
+    assert first.won and not first.reclaimed
+
+    second = _claim(store, "k", now=now)
+    assert not second.won
+    assert second.record.state is State.IN_FLIGHT
+    assert second.record.fingerprint == "fp-1"
+    assert second.record.created_at == now
+    assert second.record.lease_expires_at == now + LEASE
+    assert second.record.expires_at == now + TTL
+
+    mismatch = _claim(store, "k", "fp-2", now=now)
+    assert not mismatch.won and mismatch.record.fingerprint == "fp-1"
+
+
+@needs_redis
+def test_complete_then_replay(store: CacheStorage) -> None:
+    claim = _claim(store, "k")
+    assert store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
+
+    again = _claim(store, "k")
+    assert not again.won
+    assert again.record.state is State.COMPLETED
+    assert again.record.response == RESPONSE
+    assert store.get(SCOPE, "k") == again.record
+    # Completion happens once: a second one (same token) finds no in-flight record.
+    assert not store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
+
+
+@needs_redis
+def test_unavailable_result_has_no_response(store: CacheStorage) -> None:
+    claim = _claim(store, "k")
+    assert store.complete(SCOPE, "k", claim.token, None, now=_now())
+    record = store.get(SCOPE, "k")
+    assert record is not None
+    assert record.state is State.UNAVAILABLE and record.response is None
+
+
+@needs_redis
+def test_release_lets_the_next_request_run(store: CacheStorage) -> None:
+    claim = _claim(store, "k")
+    assert not store.release(SCOPE, "k", "not-the-owner")
+    assert store.get(SCOPE, "k") is not None
+    assert store.release(SCOPE, "k", claim.token)
+    assert store.get(SCOPE, "k") is None
+    assert not store.release(SCOPE, "k", claim.token)
+    assert _claim(store, "k").won
+
+
+@needs_redis
+def test_completed_record_is_never_released(store: CacheStorage) -> None:
+    claim = _claim(store, "k")
+    store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
+    assert not store.release(SCOPE, "k", claim.token)
+    assert store.get(SCOPE, "k") is not None
+
+
+@needs_redis
+def test_scope_and_key_both_identify_the_record(store: CacheStorage) -> None:
+    now = _now()
+    assert _claim(store, "k", now=now).won
+    assert store.claim("user:8", "k", "fp-1", now=now, lease=LEASE, ttl=TTL).won
+    assert _claim(store, "K", now=now).won
+
+
+@needs_redis
+def test_dead_lease_is_reclaimed_and_the_stale_owner_is_fenced(store: CacheStorage) -> None:
+    start = _now()
+    crashed = _claim(store, "k", now=start)
+    later = start + LEASE + timedelta(seconds=1)
+
+    # A different request cannot take a dead lease: the key still names the first request.
+    other = _claim(store, "k", "fp-other", now=later)
+    assert not other.won and other.record.state is State.IN_FLIGHT
+
+    retry = _claim(store, "k", now=later)
+    assert retry.won and retry.reclaimed
+    assert retry.token != crashed.token
+
+    # The original wakes up: it can neither store its result nor delete the retry's claim.
+    assert not store.complete(SCOPE, "k", crashed.token, RESPONSE, now=later)
+    assert not store.release(SCOPE, "k", crashed.token)
+    record = store.get(SCOPE, "k")
+    assert record is not None
+    assert record.state is State.IN_FLIGHT and record.created_at == later
+
+    assert store.complete(SCOPE, "k", retry.token, RESPONSE, now=later)
+    record = store.get(SCOPE, "k")
+    assert record is not None and record.response == RESPONSE
+
+
+@needs_redis
+def test_live_lease_is_not_reclaimed(store: CacheStorage) -> None:
+    start = _now()
+    _claim(store, "k", now=start)
+    assert not _claim(store, "k", now=start + LEASE - timedelta(milliseconds=1)).won
+
+
+@needs_redis
+def test_expired_record_counts_as_absent(store: CacheStorage) -> None:
+    start = _now()
+    claim = _claim(store, "k", now=start)
+    store.complete(SCOPE, "k", claim.token, RESPONSE, now=start)
+    after = start + TTL
+    fresh = _claim(store, "k", "fp-new", now=after)
+    assert fresh.won and not fresh.reclaimed
+    record = store.get(SCOPE, "k")
+    assert record is not None
+    assert record.fingerprint == "fp-new" and record.response is None
+
+
+# --- what lands in Redis -------------------------------------------------------------------
+
+
+@needs_redis
+def test_keys_honour_key_prefix_and_version(
+    store: CacheStorage, raw: redis.Redis, prefix: str
+) -> None:
+    _claim(store, "k")
+    key = store.cache_key(SCOPE, "k")
+    assert key.startswith(f"{prefix}:3:idempotency:")
+    assert raw.exists(key) == 1
+    # Neither the scope nor the key hash appear in clear.
+    assert SCOPE not in key and "k" not in key.removeprefix(f"{prefix}:3:idempotency:")
+
+
+@needs_redis
+def test_native_expiry_is_created_plus_ttl(store: CacheStorage, raw: redis.Redis) -> None:
+    ttl = timedelta(hours=1)
+    # The engine's clock, not Redis's, decides the TTL, so a shifted clock still gets a full TTL.
+    start = _now() + timedelta(days=3)
+    claim = _claim(store, "k", now=start, ttl=ttl)
+    key = store.cache_key(SCOPE, "k")
+    in_flight = raw.pttl(key)
+    assert 3_590_000 < in_flight <= 3_600_000
+
+    store.complete(SCOPE, "k", claim.token, RESPONSE, now=start + timedelta(seconds=30))
+    completed = raw.pttl(key)
+    assert 3_590_000 < completed <= in_flight  # completion keeps created + TTL
+
+
+@needs_redis
+def test_values_are_json_not_pickle(store: CacheStorage, raw: redis.Redis) -> None:
+    body = bytes(range(256))
+    claim = _claim(store, "k")
+    store.complete(
+        SCOPE,
+        "k",
+        claim.token,
+        StoredResponse(201, (("Content-Type", "image/png"),), body),
+        now=_now(),
+    )
+    fields = raw.hgetall(store.cache_key(SCOPE, "k"))
+    assert all(not value.startswith(b"\x80") for value in fields.values())  # pickle protocol 2+
+    assert fields[b"state"] == b"completed"
+    assert fields[b"fingerprint"] == b"fp-1"
+    assert b"token" in fields
+    document = json.loads(fields[b"response"])
+    assert document["status"] == 201
+    assert document["headers"] == [["Content-Type", "image/png"]]
+    assert base64.b64decode(document["body"]) == body
+
+
+@needs_redis
+def test_binary_body_round_trips_byte_for_byte(store: CacheStorage) -> None:
+    body = bytes(range(256)) * 64 + b"\x00\r\n\xff"
+    claim = _claim(store, "k")
+    store.complete(SCOPE, "k", claim.token, StoredResponse(200, (), body), now=_now())
+    record = _claim(store, "k").record
+    assert record.response == StoredResponse(200, (), body)
+
+
+@needs_redis
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_decoded_responses_are_read_too(settings: Any, raw: redis.Redis, backend: str) -> None:
+    name = f"idem-test-{uuid.uuid4().hex[:12]}"
+    options = (
+        {"CONNECTION_POOL_KWARGS": {"decode_responses": True}}
+        if backend == "django-redis"
+        else {"decode_responses": True}
+    )
+    _use_cache(settings, BACKENDS[backend], REDIS_URL, KEY_PREFIX=name, OPTIONS=options)
+    store = get_storage()
+    try:
+        claim = _claim(store, "k")  # type: ignore[arg-type]
+        store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
+        record = store.get(SCOPE, "k")
+        assert record is not None and record.response == RESPONSE
+        assert _claim(store, "k").record == record  # type: ignore[arg-type]
+    finally:
+        raw.delete(*raw.keys(f"{name}:*"))
+
+
+@needs_redis
+def test_foreign_value_under_the_key_is_a_store_error(
+    store: CacheStorage, raw: redis.Redis
+) -> None:
+    raw.set(store.cache_key(SCOPE, "k"), b"not a record")
+    with pytest.raises(StoreError):
+        _claim(store, "k")
+
+
+# --- Redis unreachable ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=[*BACKENDS, "django-redis-ignore-exceptions"])
+def redis_down(request: pytest.FixtureRequest, settings: Any) -> None:
+    extra: dict[str, Any] = {}
+    backend = request.param
+    if backend == "django-redis-ignore-exceptions":
+        backend = "django-redis"
+        extra["OPTIONS"] = {"IGNORE_EXCEPTIONS": True}
+    _use_cache(settings, BACKENDS[backend], f"redis://127.0.0.1:{_closed_port()}/0", **extra)
+
+
+def test_unreachable_redis_raises_store_error(redis_down: None) -> None:
+    store = get_storage()
+    with pytest.raises(StoreError, match="claim failed: ConnectionError"):
+        store.claim(SCOPE, "k", "fp", now=_now(), lease=LEASE, ttl=TTL)
+    with pytest.raises(StoreError):
+        store.complete(SCOPE, "k", "t", RESPONSE, now=_now())
+    with pytest.raises(StoreError):
+        store.release(SCOPE, "k", "t")
+    with pytest.raises(StoreError):
+        store.get(SCOPE, "k")
+
+
+def _post(url: str, key: str = "key-1") -> Any:
+    return Client().post(
+        url, json.dumps({"amount": 10}), content_type="application/json", HTTP_IDEMPOTENCY_KEY=key
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["/mixin/payments/", "/decorator/payments/", "/django/payments/"])
+def test_unreachable_redis_answers_503_without_running_the_view(redis_down: None, url: str) -> None:
+    response = _post(url)
+    assert response.status_code == 503
+    assert response["Retry-After"] == "1"
+    assert response["Content-Type"] == "application/problem+json"
+    assert json.loads(response.content)["type"].endswith("idempotency-store-unavailable")
+    assert Payment.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_fail_open_runs_the_view_and_logs(
+    redis_down: None, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.IDEMPOTENCY_FAIL_OPEN = True
+    with caplog.at_level(logging.ERROR, logger="django_idempotency"):
+        response = _post("/mixin/payments/")
+    assert response.status_code == 201
+    assert Payment.objects.count() == 1
+    assert any("WITHOUT protection" in message for message in caplog.messages)
+
+
+# --- through real views: round trips ---------------------------------------------------------
+
+
+@pytest.fixture
+def commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the Redis commands sent, recorded by wrapping the real client method."""
+    sent: list[str] = []
+    original = redis.Redis.execute_command
+
+    def counting(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).upper())
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    return sent
+
+
+@needs_redis
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["/mixin/payments/", "/decorator/payments/"])
+def test_round_trips(store: CacheStorage, raw: redis.Redis, commands: list[str], url: str) -> None:
+    before_view: list[int] = []
+    views.HOOKS.append(lambda: before_view.append(len(commands)))
+    raw.script_flush()  # so that each script meets NOSCRIPT once, as on a fresh server
+    commands.clear()
+
+    first = _post(url, "cold")
+    assert first.status_code == 201
+    assert commands[: before_view[0]] == ["EVALSHA", "EVAL"]
+    assert commands[before_view[0] :] == ["EVALSHA", "EVAL"]
+
+    commands.clear()
+    before_view.clear()
+    fresh = _post(url, "warm")
+    assert fresh.status_code == 201
+    assert before_view == [1]
+    assert commands == ["EVALSHA", "EVALSHA"]  # claim before the view, completion after
+
+    commands.clear()
+    replay = _post(url, "warm")
+    assert replay.status_code == 201
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.content == fresh.content
+    assert commands == ["EVALSHA"]
+    assert Payment.objects.count() == 2
+
+
+@needs_redis
+@pytest.mark.django_db
+def test_failed_view_releases_in_one_round_trip(store: CacheStorage, commands: list[str]) -> None:
+    views.SCRIPT.append("500")
+    _post("/mixin/payments/")  # warm the script cache
+    views.SCRIPT.append("500")
+    commands.clear()
+    assert _post("/mixin/payments/", "other").status_code == 500
+    assert commands == ["EVALSHA", "EVALSHA"]  # claim, release
+    assert store.get("anonymous", hash_key("anonymous", "other")) is None
+
+
+@needs_redis
+@pytest.mark.django_db
+def test_view_after_a_crash_runs_once_when_the_lease_has_ended(store: CacheStorage) -> None:
+    # A worker claimed the key and died two leases ago.
+    scope = "anonymous"
+    key_hash = hash_key(scope, "crashed")
+    fingerprint = fingerprint_for("/mixin/payments/")
+    store.claim(scope, key_hash, fingerprint, now=_now() - 2 * LEASE, lease=LEASE, ttl=TTL)
+    assert _post("/mixin/payments/", "crashed").status_code == 201
+    replay = _post("/mixin/payments/", "crashed")
+    assert replay["Idempotent-Replayed"] == "true"
+    assert Payment.objects.count() == 1
+
+
+# --- other caches ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def locmem(settings: Any) -> CacheStorage:
+    _use_cache(settings, "django.core.cache.backends.locmem.LocMemCache", f"idem-{uuid.uuid4()}")
+    storage = get_storage()
+    assert isinstance(storage, CacheStorage)
+    return storage
+
+
+def test_locmem_fallback_keeps_the_same_semantics(locmem: CacheStorage) -> None:
+    start = _now()
+    first = _claim(locmem, "k", now=start)
+    assert first.won
+    assert _claim(locmem, "k", now=start).record.state is State.IN_FLIGHT
+    assert _claim(locmem, "k", "fp-2", now=start + LEASE).record.fingerprint == "fp-1"
+
+    retry = _claim(locmem, "k", now=start + LEASE)
+    assert retry.won and retry.reclaimed
+    assert not _claim(locmem, "k", now=start + LEASE).won  # one taker per dead lease
+    assert not locmem.complete(SCOPE, "k", first.token, RESPONSE, now=start + LEASE)
+    assert not locmem.release(SCOPE, "k", first.token)
+    assert locmem.complete(SCOPE, "k", retry.token, RESPONSE, now=start + LEASE)
+    record = locmem.get(SCOPE, "k")
+    assert record is not None and record.response == RESPONSE
+    assert not locmem.release(SCOPE, "k", retry.token)
+
+    fresh = _claim(locmem, "k", "fp-3", now=start + LEASE + TTL)
+    assert fresh.won and not fresh.reclaimed
+    assert locmem.release(SCOPE, "k", fresh.token)
+    assert locmem.get(SCOPE, "k") is None
+
+    unavailable = _claim(locmem, "u", now=start)
+    assert locmem.complete(SCOPE, "u", unavailable.token, None, now=start)
+    assert _claim(locmem, "u", now=start).record.state is State.UNAVAILABLE
+
+
+def test_fallback_reports_a_failing_cache_as_store_error(locmem: CacheStorage) -> None:
+    locmem.cache.set(locmem.cache_key(SCOPE, "k"), "not json")
+    with pytest.raises(StoreError):
+        _claim(locmem, "k")
+    with pytest.raises(StoreError):
+        locmem.get(SCOPE, "k")
+
+
+def test_dummy_cache_is_refused(settings: Any) -> None:
+    _use_cache(settings, "django.core.cache.backends.dummy.DummyCache", "")
+    with pytest.raises(ImproperlyConfigured, match="DummyCache"):
+        get_storage()
+
+
+def test_missing_alias_is_refused(settings: Any) -> None:
+    settings.IDEMPOTENCY_STORE = "cache"
+    settings.IDEMPOTENCY_CACHE_ALIAS = "nope"
+    with pytest.raises(ImproperlyConfigured, match="IDEMPOTENCY_CACHE_ALIAS"):
+        get_storage()
+
+
+# --- system checks --------------------------------------------------------------------------
+
+
+def _ids(settings: Any) -> list[str]:
+    return [message.id for message in check_settings() if message.id]
+
+
+def test_check_e006_alias_missing(settings: Any) -> None:
+    settings.IDEMPOTENCY_STORE = "cache"
+    settings.IDEMPOTENCY_CACHE_ALIAS = "nope"
+    messages = [m for m in check_settings() if m.id == "django_idempotency.E006"]
+    assert len(messages) == 1
+    assert isinstance(messages[0], Error)
+    assert "'nope'" in messages[0].msg and "default" in (messages[0].hint or "")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "django.core.cache.backends.locmem.LocMemCache",
+        "django.core.cache.backends.filebased.FileBasedCache",
+        "django.core.cache.backends.dummy.DummyCache",
+    ],
+)
+def test_check_e007_per_process_caches(settings: Any, backend: str) -> None:
+    _use_cache(settings, backend, "/tmp/idempotency-never-written")  # noqa: S108
+    messages = [m for m in check_settings() if m.id == "django_idempotency.E007"]
+    assert len(messages) == 1
+    assert isinstance(messages[0], Error)
+    assert "SILENCED_SYSTEM_CHECKS" in (messages[0].hint or "")
+
+
+def test_check_w003_database_cache(settings: Any) -> None:
+    _use_cache(settings, "django.core.cache.backends.db.DatabaseCache", "idempotency_cache")
+    messages = [m for m in check_settings() if m.id == "django_idempotency.W003"]
+    assert len(messages) == 1
+    assert isinstance(messages[0], Warning) and not isinstance(messages[0], Error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS.values())
+def test_redis_caches_pass_the_checks(settings: Any, backend: str) -> None:
+    _use_cache(settings, backend, REDIS_URL)
+    assert not [i for i in _ids(settings) if i[-4:] in ("E006", "E007", "W003")]
+
+
+def test_cache_checks_only_apply_to_the_cache_store(settings: Any) -> None:
+    settings.IDEMPOTENCY_STORE = "db"
+    settings.IDEMPOTENCY_CACHE_ALIAS = "nope"
+    assert "django_idempotency.E006" not in _ids(settings)
+
+
+def test_manage_py_check_fails_on_locmem_unless_silenced(settings: Any) -> None:
+    _use_cache(settings, "django.core.cache.backends.locmem.LocMemCache", "dev")
+    with pytest.raises(SystemCheckError, match="django_idempotency.E007"):
+        call_command("check")
+    settings.SILENCED_SYSTEM_CHECKS = ["django_idempotency.E007"]
+    call_command("check")
