@@ -1,0 +1,122 @@
+"""The shop's three idempotent endpoints and the page that tells the story.
+
+Each endpoint shows one way to wire the package:
+
+* payments: a DRF ``ModelViewSet`` with ``IdempotencyMixin`` first in its bases;
+* orders: an ``@api_view`` function with ``@idempotent`` below it, so the key is scoped to the user
+  DRF authenticated; the confirmation email leaves only after the order and its stored result
+  have committed;
+* registration: ``@idempotent(required=True)``: a client that lost the answer retries with the
+  same key and gets the same user back instead of "username already taken".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.db.models import F, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import ensure_csrf_cookie
+from rest_framework import status, viewsets
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from django_idempotency import IdempotencyMixin, idempotent
+from example_project.shop.demo_data import page_context
+from example_project.shop.models import Order, Payment, Product
+from example_project.shop.notifications import send_order_confirmation
+from example_project.shop.serializers import (
+    OrderRequestSerializer,
+    OrderSerializer,
+    PaymentSerializer,
+    RegistrationSerializer,
+)
+
+
+class PaymentViewSet(IdempotencyMixin, viewsets.ModelViewSet):
+    """``POST /api/payments/`` runs once per ``Idempotency-Key``; retries replay the first 201.
+
+    The key is optional here, so the page can show what happens without one. An API that moves
+    money would set ``idempotency_required = True``.
+    """
+
+    serializer_class = PaymentSerializer
+
+    def get_queryset(self) -> QuerySet[Payment]:
+        # Each user sees only their own payments, just as each user has their own keys.
+        payments = Payment.objects.filter(user=self.request.user)
+        reference = self.request.query_params.get("reference")
+        if reference:
+            payments = payments.filter(reference=reference)
+        return payments
+
+    def perform_create(self, serializer: Any) -> None:
+        serializer.save(user=self.request.user)
+
+
+@api_view(["POST"])
+@idempotent
+def create_order(request: Request) -> Response:
+    """``POST /api/orders/``: take stock and confirm by email, once per key."""
+    serializer = OrderRequestSerializer(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    sku = serializer.validated_data["sku"]
+    quantity = serializer.validated_data["quantity"]
+    if not Product.objects.filter(sku=sku).exists():
+        return Response({"detail": f"Unknown product {sku!r}."}, status=status.HTTP_404_NOT_FOUND)
+    # With the ORM store, @idempotent already runs this view inside the transaction that stores
+    # the result; this block makes the order atomic on its own too (no key, or the cache store).
+    with transaction.atomic():
+        # A conditional UPDATE, not read-then-write, so two different orders cannot both take
+        # the last mug.
+        taken = Product.objects.filter(sku=sku, stock__gte=quantity).update(
+            stock=F("stock") - quantity
+        )
+        if not taken:
+            # 409 is not stored: a retry checks the stock again.
+            return Response({"detail": "Out of stock."}, status=status.HTTP_409_CONFLICT)
+        order = Order.objects.create(
+            user=request.user, product=Product.objects.get(sku=sku), quantity=quantity
+        )
+        # on_commit runs after the outermost transaction commits: with the ORM store that is the
+        # one that also stores the key's result, so the email leaves only once the order can no
+        # longer run again, and never when the transaction rolls back. robust=True logs a failing
+        # mail server instead of raising: an exception raised after the commit would reach the
+        # idempotency layer, which would release the key and let a retry place a second order.
+        transaction.on_commit(functools.partial(send_order_confirmation, order.pk), robust=True)
+    return Response(OrderSerializer(order).data, status=status.HTTP_201_CREATED)
+
+
+@api_view(["POST"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+@idempotent(required=True)
+def register(request: Request) -> Response:
+    """``POST /api/register/``: the key is required, so a lost answer can always be retried.
+
+    Registration is anonymous, so its keys live in the shared anonymous namespace. A replay goes
+    only to a request with the same key and the same body (password included), and the response
+    carries no credentials: the new user signs in through ``/api/token/``.
+    """
+    serializer = RegistrationSerializer(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    data = serializer.validated_data
+    user = get_user_model().objects.create_user(
+        username=data["username"], email=data["email"], password=data["password"]
+    )
+    return Response(
+        {"id": user.pk, "username": user.get_username(), "email": user.email},
+        status=status.HTTP_201_CREATED,
+    )
+
+
+@ensure_csrf_cookie
+def index(request: HttpRequest) -> HttpResponse:
+    """The payment story in the browser; anonymous visitors get the demo sign-in form."""
+    return render(request, "shop/index.html", page_context())
