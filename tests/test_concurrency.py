@@ -1,0 +1,591 @@
+"""Concurrency proofs against the configured backend (issue 2).
+
+Every test here uses real threads, each with its own database connection, or real server
+processes, and counts ``Payment`` rows: the business side effect, not the store's bookkeeping.
+The rules every storm is held to:
+
+* exactly one request runs the view and answers a fresh 201;
+* every other request answers 409 ``idempotency-request-in-progress`` with ``Retry-After``, or
+  replays that 201 byte for byte with ``Idempotent-Replayed: true``;
+* on SQLite only, whose single writer may surface lock contention, 503
+  ``idempotency-store-unavailable`` with ``Retry-After`` is allowed too;
+* never a 500, never an exception.
+
+Run them on each backend: ``IDEMPOTENCY_TEST_DB=sqlite|postgres|mariadb`` and
+``IDEMPOTENCY_TEST_STORE=db|redis``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import connection, connections
+from django.test import Client, RequestFactory, override_settings
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+
+from django_idempotency import core
+from django_idempotency.fingerprint import request_fingerprint
+from django_idempotency.keys import hash_key
+from django_idempotency.storage import get_storage
+from tests.testapp import views
+from tests.testapp.models import Payment
+
+pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = json.dumps({"amount": 4200}).encode()
+PROBLEM_TYPE = "application/problem+json"
+IN_PROGRESS = "idempotency-request-in-progress"
+UNAVAILABLE = "idempotency-store-unavailable"
+#: Upper bound for any thread, request or process wait; a hang fails the test instead.
+TIMEOUT = 60.0
+#: Long enough for every request of a storm to arrive while the first one is still running.
+OVERLAP_DELAY = 0.4
+
+DRF_ENTRY_POINTS = ["/mixin/payments/", "/decorator/payments/"]
+ALL_ENTRY_POINTS = [
+    "/mixin/payments/",
+    "/viewset/payments/",
+    "/decorator/payments/",
+    "/actions/pay/",
+    "/django/payments/",
+    "/async/payments/",
+]
+
+
+# --- outcomes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    label: str = ""
+
+    @property
+    def replayed(self) -> bool:
+        return self.headers.get("idempotent-replayed") == "true"
+
+    @property
+    def fresh(self) -> bool:
+        return self.status == 201 and not self.replayed
+
+    @property
+    def problem(self) -> str | None:
+        if self.headers.get("content-type", "").split(";")[0] != PROBLEM_TYPE:
+            return None
+        return str(json.loads(self.body)["type"]).rsplit("#", 1)[-1].rsplit("/", 1)[-1]
+
+    def payment_id(self) -> int:
+        return int(json.loads(self.body)["id"])
+
+    def describe(self) -> str:
+        if self.fresh:
+            return "201 fresh"
+        if self.replayed:
+            return f"{self.status} replayed"
+        return f"{self.status} {self.problem or self.body[:80]!r}"
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    return str(dict(collections.Counter(o.describe() for o in outcomes)))
+
+
+def sqlite_may_refuse() -> bool:
+    """SQLite's single writer may surface lock contention as 503; no other backend may."""
+    return connection.vendor == "sqlite"
+
+
+def check_storm(outcomes: list[Outcome]) -> Outcome:
+    """Hold one key's storm to the rules in the module docstring; return the one fresh 201."""
+    fresh = [o for o in outcomes if o.fresh]
+    assert len(fresh) == 1, f"expected exactly one fresh 201, got {summary(outcomes)}"
+    first = fresh[0]
+    assert first.headers.get("location", "").startswith("/payments/")
+    for outcome in outcomes:
+        if outcome is first:
+            continue
+        if outcome.status == 201:
+            assert outcome.replayed, summary(outcomes)
+            assert outcome.body == first.body
+        elif outcome.status == 409:
+            assert outcome.problem == IN_PROGRESS, outcome.body
+            assert int(outcome.headers["retry-after"]) >= 1
+        elif outcome.status == 503 and sqlite_may_refuse():
+            assert outcome.problem == UNAVAILABLE, outcome.body
+            assert int(outcome.headers["retry-after"]) >= 1
+        else:
+            pytest.fail(f"{outcome.label}: unexpected {outcome.describe()} in {summary(outcomes)}")
+    return first
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def _from_client(response: Any, label: str) -> Outcome:
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    return Outcome(response.status_code, headers, response.content, label)
+
+
+def client_post(path: str, key: str, token: str | None, label: str = "") -> Outcome:
+    """POST the payment with a fresh ``Client``; on a new thread it opens its own connection."""
+    headers = {"Idempotency-Key": key}
+    if token is not None:
+        headers["Authorization"] = f"Token {token}"
+    client = Client(headers=headers)
+    response = client.post(path, data=BODY, content_type="application/json")
+    return _from_client(response, label or path)
+
+
+# Requests to the test servers must never go through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_post(url: str, key: str, token: str, label: str = "") -> Outcome:
+    request = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
+        url,
+        data=BODY,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Idempotency-Key": key,
+            "Authorization": f"Token {token}",
+        },
+    )
+    try:
+        with _OPENER.open(request, timeout=TIMEOUT) as response:
+            headers = {name.lower(): value for name, value in response.headers.items()}
+            return Outcome(response.status, headers, response.read(), label or url)
+    except urllib.error.HTTPError as error:
+        headers = {name.lower(): value for name, value in error.headers.items()}
+        return Outcome(error.code, headers, error.read(), label or url)
+
+
+def run_together(calls: list[Callable[[], Outcome]]) -> list[Outcome]:
+    """Run each call on its own thread, all released at once by a barrier.
+
+    Any exception on a thread fails the test with its traceback. Each thread closes its own
+    database connections, so none is left open when the test database is flushed or dropped.
+    """
+    barrier = threading.Barrier(len(calls), timeout=TIMEOUT)
+    results: list[Outcome | None] = [None] * len(calls)
+    errors: list[str] = []
+
+    def work(index: int, call: Callable[[], Outcome]) -> None:
+        try:
+            barrier.wait()
+            results[index] = call()
+        except BaseException:
+            errors.append(traceback.format_exc())
+        finally:
+            connections.close_all()
+
+    threads = [
+        threading.Thread(target=work, args=(i, call), daemon=True) for i, call in enumerate(calls)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "requests still running after the timeout"
+    assert not errors, f"{len(errors)} request(s) raised; first:\n{errors[0]}"
+    outcomes = [r for r in results if r is not None]
+    assert len(outcomes) == len(calls)
+    return outcomes
+
+
+def in_thread(call: Callable[[], Outcome]) -> Outcome:
+    """One request on another thread, with its own connection, waited for."""
+    return run_together([call])[0]
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Principal:
+    user: AbstractBaseUser
+    token: str
+    scope: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scope = f"user:{self.user.pk}"
+
+    def payments(self) -> list[int]:
+        return sorted(Payment.objects.filter(user=self.user).values_list("pk", flat=True))
+
+
+@pytest.fixture
+def principal() -> Principal:
+    user = get_user_model().objects.create_user(username=f"payer-{uuid.uuid4().hex[:8]}")
+    token = Token.objects.create(user=user)
+    return Principal(user, token.key)
+
+
+class Clock:
+    """Replaces the engine's clock (``django_idempotency.core.now``) for every thread."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return timezone.now() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(core, "now", fake)
+    return fake
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
+
+
+def store_is_transactional() -> bool:
+    """ORM store: the view's writes and the stored result commit or roll back together."""
+    return get_storage().transactional
+
+
+# --- thread storms ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ALL_ENTRY_POINTS)
+def test_storm_of_one_key_runs_the_view_once(path: str, principal: Principal) -> None:
+    views.DELAY = OVERLAP_DELAY
+    key = new_key()
+    outcomes = run_together(
+        [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(50)]
+    )
+
+    first = check_storm(outcomes)
+    assert Payment.objects.count() == 1
+    assert Payment.objects.get().pk == first.payment_id()
+    # Whatever the storm saw, the result was stored: a later retry replays it.
+    views.DELAY = 0.0
+    again = client_post(path, key, principal.token)
+    assert (again.status, again.replayed, again.body) == (201, True, first.body)
+    assert Payment.objects.count() == 1
+
+
+def test_storm_of_many_keys_runs_each_view_once(principal: Principal) -> None:
+    """Six keys, one per entry point, twelve requests each, interleaved and released at once."""
+    views.DELAY = OVERLAP_DELAY
+    keys = {path: new_key() for path in ALL_ENTRY_POINTS}
+    calls: list[Callable[[], Outcome]] = []
+    labels: list[str] = []
+    for _round in range(12):
+        for path, key in keys.items():
+            calls.append(lambda p=path, k=key: client_post(p, k, principal.token, p))
+            labels.append(path)
+    outcomes = run_together(calls)
+
+    fresh_ids = set()
+    for path in ALL_ENTRY_POINTS:
+        first = check_storm([o for o in outcomes if o.label == path])
+        fresh_ids.add(first.payment_id())
+    assert len(fresh_ids) == len(ALL_ENTRY_POINTS)
+    assert set(Payment.objects.values_list("pk", flat=True)) == fresh_ids
+
+
+# --- across server processes ------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stderr_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def start_servers(count: int, log_dir: Path, *, delay: float) -> list[Server]:
+    """Start ``count`` ``tests.serve`` processes on the test database; the caller stops them."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "IDEMPOTENCY_SERVE_DB_NAME": str(connection.settings_dict["NAME"]),
+        "IDEMPOTENCY_SERVE_DELAY": str(delay),
+    }
+    started: list[tuple[subprocess.Popen[str], Path]] = []
+    servers: list[Server] = []
+    try:
+        for i in range(count):
+            log = log_dir / f"server-{i}.log"
+            with log.open("w") as stderr:
+                process = subprocess.Popen(  # noqa: S603 - our own module, no shell
+                    [sys.executable, "-m", "tests.serve"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                )
+            started.append((process, log))
+        deadline = time.monotonic() + TIMEOUT
+        for process, log in started:
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+            line = process.stdout.readline() if ready else ""
+            assert line.startswith("PORT "), f"server did not start:\n{log.read_text()}"
+            servers.append(Server(process, int(line.split()[1]), log))
+    except BaseException:
+        stop_servers([p for p, _ in started])
+        raise
+    return servers
+
+
+def stop_servers(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    for process in processes:
+        process.wait(timeout=TIMEOUT)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[list[Server]]:
+    running = start_servers(3, tmp_path, delay=OVERLAP_DELAY)
+    try:
+        yield running
+    finally:
+        stop_servers([s.process for s in running])
+
+
+@pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+def test_storm_across_three_server_processes_runs_the_view_once(
+    path: str, principal: Principal, servers: list[Server]
+) -> None:
+    key = new_key()
+    calls = [
+        lambda s=servers[i % 3], i=i: http_post(s.url + path, key, principal.token, f"#{i}")
+        for i in range(50)
+    ]
+    outcomes = run_together(calls)
+
+    logs = "\n".join(s.stderr_tail() for s in servers)
+    assert "Traceback" not in logs, logs
+    first = check_storm(outcomes)
+    assert principal.payments() == [first.payment_id()]
+    again = http_post(servers[1].url + path, key, principal.token)
+    assert (again.status, again.replayed, again.body) == (201, True, first.body)
+    assert Payment.objects.count() == 1
+
+
+def test_key_of_a_killed_server_is_reclaimed_after_its_lease(
+    principal: Principal, clock: Clock, tmp_path: Path
+) -> None:
+    """A worker killed mid-request leaves its claim; the lease, not the worker, frees the key."""
+    path = "/mixin/payments/"
+    key = new_key()
+    (server,) = start_servers(1, tmp_path, delay=TIMEOUT)  # the view outlives the worker
+    storage = get_storage()
+    key_hash = hash_key(principal.scope, key)
+    doomed = threading.Thread(
+        target=lambda: _swallow(lambda: http_post(server.url + path, key, principal.token)),
+        daemon=True,
+    )
+    try:
+        doomed.start()
+        deadline = time.monotonic() + TIMEOUT
+        while storage.get(principal.scope, key_hash) is None:
+            assert time.monotonic() < deadline, "the server never claimed the key"
+            time.sleep(0.02)
+        server.process.kill()
+        server.process.wait(timeout=TIMEOUT)
+    finally:
+        stop_servers([server.process])
+        doomed.join(TIMEOUT)
+    assert not doomed.is_alive()
+
+    before = client_post(path, key, principal.token)
+    assert before.status == 409, before.describe()
+    assert before.problem == IN_PROGRESS
+    assert Payment.objects.count() == 0
+
+    clock.advance(61)  # the server claimed with the default 60 s lease
+    after = client_post(path, key, principal.token)
+    assert after.fresh, after.describe()
+    assert principal.payments() == [after.payment_id()]
+
+
+def _swallow(call: Callable[[], object]) -> None:
+    # The killed server's own client sees its connection reset; that is the point.
+    with contextlib.suppress(OSError):
+        call()
+
+
+# --- leases and fencing -----------------------------------------------------------------------
+
+
+def _orphan_claim(principal: Principal, path: str, key: str, lease: timedelta) -> None:
+    """Claim ``key`` as a worker that then died: in flight, never completed nor released."""
+    request = RequestFactory().post(path, data=BODY, content_type="application/json")
+    claim = get_storage().claim(
+        principal.scope,
+        hash_key(principal.scope, key),
+        request_fingerprint(request),
+        now=core.now(),
+        lease=lease,
+        ttl=timedelta(days=1),
+    )
+    assert claim.won
+
+
+@pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+def test_orphaned_claim_is_reclaimable_after_the_lease_and_not_before(
+    path: str, principal: Principal, clock: Clock
+) -> None:
+    key = new_key()
+    _orphan_claim(principal, path, key, lease=timedelta(seconds=30))
+
+    clock.advance(25)
+    before = in_thread(lambda: client_post(path, key, principal.token))
+    assert before.status == 409, before.describe()
+    assert before.problem == IN_PROGRESS
+    assert int(before.headers["retry-after"]) >= 1
+    assert Payment.objects.count() == 0
+
+    clock.advance(6)
+    after = in_thread(lambda: client_post(path, key, principal.token))
+    assert after.fresh, after.describe()
+    assert principal.payments() == [after.payment_id()]
+    replay = client_post(path, key, principal.token)
+    assert (replay.status, replay.replayed, replay.body) == (201, True, after.body)
+
+
+@pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+def test_storm_over_a_dead_lease_reclaims_it_once(
+    path: str, principal: Principal, clock: Clock
+) -> None:
+    """Many retries race to take over the same dead lease: one wins, the rest see it in flight."""
+    key = new_key()
+    _orphan_claim(principal, path, key, lease=timedelta(seconds=30))
+    clock.advance(31)
+    views.DELAY = OVERLAP_DELAY
+
+    outcomes = run_together(
+        [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(30)]
+    )
+
+    first = check_storm(outcomes)
+    assert principal.payments() == [first.payment_id()]
+
+
+@dataclass
+class Takeover:
+    """Run once inside the stale request's view: let its lease lapse, then retry on a new thread."""
+
+    path: str
+    key: str
+    principal: Principal
+    clock: Clock
+    outcome: Outcome | None = None
+    error: str | None = None
+
+    def __call__(self) -> None:
+        views.HOOKS.clear()  # the takeover's own view runs without this hook
+        self.clock.advance(5)  # past the 1 s lease of the stale request
+        try:
+            self.outcome = in_thread(
+                lambda: client_post(self.path, self.key, self.principal.token, "takeover")
+            )
+        except AssertionError:
+            self.error = traceback.format_exc()
+
+
+@pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+@override_settings(IDEMPOTENCY_LEASE=1)
+def test_stale_request_cannot_complete_over_the_request_that_took_over(
+    path: str, principal: Principal, clock: Clock
+) -> None:
+    key = new_key()
+    takeover = Takeover(path, key, principal, clock)
+    views.HOOKS.append(takeover)
+
+    stale = in_thread(lambda: client_post(path, key, principal.token, "stale"))
+
+    assert takeover.error is None, takeover.error
+    assert takeover.outcome is not None
+    assert takeover.outcome.fresh, takeover.outcome.describe()
+    # The takeover's result is the key's result.
+    replay = client_post(path, key, principal.token)
+    assert (replay.status, replay.replayed, replay.body) == (201, True, takeover.outcome.body)
+    if store_is_transactional():
+        # The stale request's payment was rolled back with its lost completion.
+        assert stale.status == 409, stale.describe()
+        assert stale.problem == IN_PROGRESS
+        assert principal.payments() == [takeover.outcome.payment_id()]
+    else:
+        # A cache store cannot roll the view back: the stale request keeps its own answer, but
+        # its completion does not overwrite the record of the request that took over.
+        assert stale.fresh, stale.describe()
+        assert principal.payments() == sorted([stale.payment_id(), takeover.outcome.payment_id()])
+
+
+@pytest.mark.parametrize("failure", ["503", "raise"])
+@override_settings(IDEMPOTENCY_LEASE=1)
+def test_stale_request_cannot_release_the_request_that_took_over(
+    failure: str, principal: Principal, clock: Clock
+) -> None:
+    """The stale request fails after the takeover; its release must not free the key."""
+    path = "/mixin/payments/"
+    key = new_key()
+    views.SCRIPT[:] = [failure]  # the stale request's view runs first and takes this step
+    takeover = Takeover(path, key, principal, clock)
+    views.HOOKS.append(takeover)
+
+    def stale_request() -> Outcome:
+        headers = {"Idempotency-Key": key, "Authorization": f"Token {principal.token}"}
+        client = Client(headers=headers, raise_request_exception=False)
+        response = client.post(path, data=BODY, content_type="application/json")
+        return _from_client(response, "stale")
+
+    stale = in_thread(stale_request)
+
+    assert takeover.error is None, takeover.error
+    assert takeover.outcome is not None
+    assert takeover.outcome.fresh, takeover.outcome.describe()
+    assert stale.status == (503 if failure == "503" else 500), stale.describe()
+    replay = client_post(path, key, principal.token)
+    assert (replay.status, replay.replayed, replay.body) == (201, True, takeover.outcome.body)
+    payments = principal.payments()
+    assert takeover.outcome.payment_id() in payments
+    # ORM store: the failed stale view's payment was rolled back. A cache store cannot roll the
+    # view back, so the stale payment stays; what matters there is that the key stayed owned.
+    assert len(payments) == (1 if store_is_transactional() else 2)
