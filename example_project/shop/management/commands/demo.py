@@ -81,7 +81,7 @@ class Command(BaseCommand):
             code = response.status_code
             line = f"  attempt {attempt}: {code} {HTTPStatus(code).phrase}"
             if response.headers.get("Idempotent-Replayed") == "true":
-                same = "same payment as attempt 1" if payment_id == first_id else "another payment"
+                same = "the same payment" if payment_id == first_id else "another payment"
                 line += f", Idempotent-Replayed: true, {same}"
             else:
                 line += ", a new payment"
