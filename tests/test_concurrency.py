@@ -265,6 +265,29 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return fake
 
 
+class Executions:
+    """Counts entries into the payment view, committed or not (a ``views.HOOKS`` hook).
+
+    Payment rows count what committed; this counts what ran, so a view that ran twice and had
+    one run rolled back by the store's fencing still fails a storm test.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+@pytest.fixture
+def executions() -> Executions:
+    counter = Executions()
+    views.HOOKS.append(counter)
+    return counter
+
+
 def new_key() -> str:
     return str(uuid.uuid4())
 
@@ -278,7 +301,9 @@ def store_is_transactional() -> bool:
 
 
 @pytest.mark.parametrize("path", ALL_ENTRY_POINTS)
-def test_storm_of_one_key_runs_the_view_once(path: str, principal: Principal) -> None:
+def test_storm_of_one_key_runs_the_view_once(
+    path: str, principal: Principal, executions: Executions
+) -> None:
     views.DELAY = OVERLAP_DELAY
     key = new_key()
     outcomes = run_together(
@@ -286,16 +311,20 @@ def test_storm_of_one_key_runs_the_view_once(path: str, principal: Principal) ->
     )
 
     first = check_storm(outcomes)
+    assert executions.count == 1
     assert Payment.objects.count() == 1
     assert Payment.objects.get().pk == first.payment_id()
     # Whatever the storm saw, the result was stored: a later retry replays it.
     views.DELAY = 0.0
     again = client_post(path, key, principal.token)
     assert (again.status, again.replayed, again.body) == (201, True, first.body)
+    assert executions.count == 1
     assert Payment.objects.count() == 1
 
 
-def test_storm_of_many_keys_runs_each_view_once(principal: Principal) -> None:
+def test_storm_of_many_keys_runs_each_view_once(
+    principal: Principal, executions: Executions
+) -> None:
     """Six keys, one per entry point, twelve requests each, interleaved and released at once."""
     views.DELAY = OVERLAP_DELAY
     keys = {path: new_key() for path in ALL_ENTRY_POINTS}
@@ -312,6 +341,7 @@ def test_storm_of_many_keys_runs_each_view_once(principal: Principal) -> None:
         first = check_storm([o for o in outcomes if o.label == path])
         fresh_ids.add(first.payment_id())
     assert len(fresh_ids) == len(ALL_ENTRY_POINTS)
+    assert executions.count == len(ALL_ENTRY_POINTS)
     assert set(Payment.objects.values_list("pk", flat=True)) == fresh_ids
 
 
@@ -491,7 +521,7 @@ def test_orphaned_claim_is_reclaimable_after_the_lease_and_not_before(
 
 @pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
 def test_storm_over_a_dead_lease_reclaims_it_once(
-    path: str, principal: Principal, clock: Clock
+    path: str, principal: Principal, clock: Clock, executions: Executions
 ) -> None:
     """Many retries race to take over the same dead lease: one wins, the rest see it in flight."""
     key = new_key()
@@ -504,6 +534,7 @@ def test_storm_over_a_dead_lease_reclaims_it_once(
     )
 
     first = check_storm(outcomes)
+    assert executions.count == 1
     assert principal.payments() == [first.payment_id()]
 
 
