@@ -74,6 +74,10 @@ _SQLITE_TEST_FILE = os.environ.get(
 )
 
 DATABASES: dict[str, dict[str, Any]]
+# One test database per run, so that runs on the same server (tox envs, a developer's two
+# terminals) cannot drop each other's database.
+_SERVER_TEST_NAME = os.environ.get("IDEMPOTENCY_TEST_DB_NAME", f"test_idempotency_{os.getpid()}")
+
 if DB_BACKEND == "postgres":
     DATABASES = {
         "default": {
@@ -82,6 +86,7 @@ if DB_BACKEND == "postgres":
             "USER": os.environ.get("PGUSER", "postgres"),
             "HOST": os.environ.get("PGHOST", "127.0.0.1"),
             "PORT": os.environ.get("PGPORT", "5432"),
+            "TEST": {"NAME": _SERVER_TEST_NAME},
         }
     }
 elif DB_BACKEND == "mariadb":
@@ -99,7 +104,11 @@ elif DB_BACKEND == "mariadb":
             "HOST": os.environ.get("MYSQL_HOST", "127.0.0.1"),
             "PORT": os.environ.get("MYSQL_PORT", "3306"),
             "OPTIONS": {"charset": "utf8mb4"},
-            "TEST": {"CHARSET": "utf8mb4", "COLLATION": "utf8mb4_general_ci"},
+            "TEST": {
+                "NAME": _SERVER_TEST_NAME,
+                "CHARSET": "utf8mb4",
+                "COLLATION": "utf8mb4_general_ci",
+            },
         }
     }
 elif DB_BACKEND == "sqlite":

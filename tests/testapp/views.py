@@ -51,6 +51,12 @@ def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpRespo
         time.sleep(DELAY)
     for hook in list(HOOKS):
         hook()
+    # "early-*" steps fail before anything is written; the others after the payment row exists.
+    if step == "early-raise":
+        raise RuntimeError("payment provider unreachable")
+    if step.startswith("early-"):
+        code = int(step.removeprefix("early-"))
+        return code, {"detail": f"failed with {code}"}, {}
     serializer = PaymentSerializer(data=data)
     serializer.is_valid(raise_exception=True)
     payment = serializer.save(user=user if user.is_authenticated else None)
