@@ -93,7 +93,9 @@ def create_order(request: Request) -> Response:
         # __qualname__.)
         order_id = order.pk
         transaction.on_commit(lambda: send_order_confirmation(order_id), robust=True)
-    return Response(OrderSerializer(order).data, status=status.HTTP_201_CREATED)
+        # Built inside the block, so that a failure here too rolls the order back unsent.
+        data = OrderSerializer(order).data
+    return Response(data, status=status.HTTP_201_CREATED)
 
 
 @api_view(["POST"])

@@ -131,7 +131,7 @@ class TestOrders:
     def test_nothing_is_sent_when_the_transaction_rolls_back(
         self, alice_api: APIClient, mug: Product, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        # The view fails after the order was written and the email registered.
+        # The view fails after the order was written and its email registered.
         def explode(self: OrderSerializer, instance: Order) -> Any:
             raise RuntimeError("response could not be built")
 
