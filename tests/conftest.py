@@ -51,6 +51,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _empty_redis_store() -> Iterator[None]:
+    """Redis keeps records across tests (the ORM store's rows roll back or are flushed), so the
+    redis matrix empties the store's key prefix around each test."""
+    if settings.STORE_BACKEND != "redis":
+        yield
+        return
+    from django.core.cache import caches
+
+    cache = caches[settings.IDEMPOTENCY_CACHE_ALIAS]
+    cache.delete_pattern("*")  # type: ignore[attr-defined]  # django-redis: this alias's prefix
+    yield
+    cache.delete_pattern("*")  # type: ignore[attr-defined]
+
+
+@pytest.fixture(autouse=True)
 def _reset_views() -> Iterator[None]:
     views.SCRIPT.clear()
     views.HOOKS.clear()
