@@ -577,3 +577,34 @@ def test_manage_py_check_fails_on_locmem_unless_silenced(settings: Any) -> None:
         call_command("check")
     settings.SILENCED_SYSTEM_CHECKS = ["django_idempotency.E007"]
     call_command("check")
+
+
+@needs_redis
+def test_django_redis_shard_client_keeps_each_record_on_one_shard(settings: Any) -> None:
+    name = f"idem-test-{uuid.uuid4().hex[:12]}"
+    shards = [f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}" for db in (13, 14)]
+    _use_cache(
+        settings,
+        BACKENDS["django-redis"],
+        shards,
+        KEY_PREFIX=name,
+        OPTIONS={"CLIENT_CLASS": "django_redis.client.ShardClient"},
+    )
+    store = get_storage()
+    assert isinstance(store, CacheStorage)
+    clients = [redis.Redis.from_url(url) for url in shards]
+    try:
+        keys = [f"k{i}" for i in range(8)]
+        for key in keys:
+            claim = _claim(store, key)
+            assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
+            assert _claim(store, key).record.response == RESPONSE
+        used = [client.keys(f"{name}:*") for client in clients]
+        assert sum(len(found) for found in used) == len(keys)
+        assert all(used)  # 8 keys over 2 shards: both hold some
+    finally:
+        for client in clients:
+            found = client.keys(f"{name}:*")
+            if found:
+                client.delete(*found)
+            client.close()
