@@ -82,9 +82,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", action="append", choices=sorted(BACKENDS))
     parser.add_argument("--no-coverage", action="store_true")
+    parser.add_argument(
+        "--install-only", action="store_true", help="create and fill the virtualenv, run nothing"
+    )
     parser.add_argument("pytest_args", nargs="*")
     args = parser.parse_args()
     ensure_venv()
+    if args.install_only:
+        print(f"runtests: {sys.prefix} is ready")
+        return 0
 
     required = os.environ.get("IDEMPOTENCY_TEST_REQUIRE_SERVICES") == "1"
     selected = args.backend or list(BACKENDS)

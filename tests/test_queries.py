@@ -1,0 +1,59 @@
+"""Query budget of the ORM store, counted (deterministic), not timed.
+
+Anonymous requests keep the view's own work to exactly one INSERT, so the difference is ours.
+The figures are quoted in docs/contract.md ("Query budget").
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from tests.testapp.models import Payment
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        __import__("django.conf").conf.settings.STORE_BACKEND != "db",
+        reason="counts SQL queries of the ORM store; the cache store counts Redis commands",
+    ),
+]
+
+URLS = ["/mixin/payments/", "/decorator/payments/", "/django/payments/"]
+
+
+def _post(client: Client, url: str, key: str | None) -> tuple[int, list[str]]:
+    extra = {"HTTP_IDEMPOTENCY_KEY": key} if key else {}
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.post(url, json.dumps({"amount": 3}), "application/json", **extra)
+    # Transaction control is not a query: SQLite logs the BEGIN/COMMIT around the view, the
+    # PostgreSQL and MySQL backends switch autocommit without a logged statement.
+    queries = [q["sql"] for q in ctx.captured_queries if q["sql"].upper() not in {"BEGIN", "COMMIT"}]
+    return response.status_code, queries
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_fresh_path_adds_at_most_three_queries(url: str) -> None:
+    client = Client()
+    status, bare = _post(client, url, None)
+    assert status == 201
+    status, protected = _post(client, url, "fresh")
+    assert status == 201
+    added = len(protected) - len(bare)
+    assert len(bare) == 1  # the view's own INSERT
+    assert added == 3, protected  # SELECT the key, INSERT the claim, UPDATE with the response
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_replay_costs_one_query_and_never_runs_the_view(url: str) -> None:
+    client = Client()
+    _post(client, url, "again")
+    status, queries = _post(client, url, "again")
+    assert status == 201
+    assert len(queries) == 1, queries
+    assert queries[0].lstrip().upper().startswith("SELECT")
+    assert Payment.objects.count() == 1
