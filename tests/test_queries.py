@@ -32,7 +32,9 @@ def _post(client: Client, url: str, key: str | None) -> tuple[int, list[str]]:
         response = client.post(url, json.dumps({"amount": 3}), "application/json", **extra)
     # Transaction control is not a query: SQLite logs the BEGIN/COMMIT around the view, the
     # PostgreSQL and MySQL backends switch autocommit without a logged statement.
-    queries = [q["sql"] for q in ctx.captured_queries if q["sql"].upper() not in {"BEGIN", "COMMIT"}]
+    queries = [
+        q["sql"] for q in ctx.captured_queries if q["sql"].upper() not in {"BEGIN", "COMMIT"}
+    ]
     return response.status_code, queries
 
 
