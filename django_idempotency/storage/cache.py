@@ -132,18 +132,23 @@ class CacheStorage(BaseStorage):
     def __init__(self, alias: str | None = None) -> None:
         self.alias = alias or settings.IDEMPOTENCY_CACHE_ALIAS
         try:
-            self.cache: BaseCache = caches[self.alias]
+            cache = caches[self.alias]
         except InvalidCacheBackendError as exc:
             raise ImproperlyConfigured(
                 f"IDEMPOTENCY_CACHE_ALIAS = {self.alias!r} is not a configured cache: {exc}"
             ) from exc
-        if isinstance(self.cache, DummyCache):
+        if isinstance(cache, DummyCache):
             raise ImproperlyConfigured(
                 f"The idempotency cache {self.alias!r} is a DummyCache, which stores nothing: "
                 "every retry would run again. Use Redis, or IDEMPOTENCY_STORE = 'db'."
             )
-        self._redis = _is_redis(self.cache)
-        self._fallback = None if self._redis else _CacheRecords(self.cache)
+        self._redis = _is_redis(cache)
+        self._fallback = None if self._redis else _CacheRecords(self.alias)
+
+    @property
+    def cache(self) -> BaseCache:
+        # Django hands each thread its own cache object; this store instance is shared by all.
+        return caches[self.alias]
 
     def cache_key(self, scope: str, key_hash: str) -> str:
         """The backend key of a record: KEY_PREFIX and VERSION apply, the raw scope does not.
@@ -346,9 +351,13 @@ class _CacheRecords:
     Values are JSON strings; the backend may still wrap them in its own serializer.
     """
 
-    def __init__(self, cache: BaseCache) -> None:
-        self.cache = cache
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
         self._lock = threading.Lock()
+
+    @property
+    def cache(self) -> BaseCache:
+        return caches[self.alias]
 
     def _load(self, key: str) -> tuple[Record, dict[str, Any]] | None:
         raw = self.cache.get(key)
