@@ -40,6 +40,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import connection, connections
+from django.db.models.signals import post_save
 from django.test import Client, RequestFactory, override_settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -301,10 +302,13 @@ def store_is_transactional() -> bool:
 
 
 @pytest.mark.parametrize("path", ALL_ENTRY_POINTS)
+@pytest.mark.parametrize("delay", [OVERLAP_DELAY, 0.0], ids=["overlapping", "fast-view"])
 def test_storm_of_one_key_runs_the_view_once(
-    path: str, principal: Principal, executions: Executions
+    path: str, delay: float, principal: Principal, executions: Executions
 ) -> None:
-    views.DELAY = OVERLAP_DELAY
+    """50 requests, one key. A slow view makes the storm meet the claim in flight (409s); a fast
+    one makes claims collide on the INSERT and meet the completed record (replays)."""
+    views.DELAY = delay
     key = new_key()
     outcomes = run_together(
         [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(50)]
@@ -620,3 +624,50 @@ def test_stale_request_cannot_release_the_request_that_took_over(
     # ORM store: the failed stale view's payment was rolled back. A cache store cannot roll the
     # view back, so the stale payment stays; what matters there is that the key stayed owned.
     assert len(payments) == (1 if store_is_transactional() else 2)
+
+
+@pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+@override_settings(IDEMPOTENCY_LEASE=1)
+def test_takeover_after_the_stale_request_wrote_rolls_that_write_back(
+    path: str, principal: Principal, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease lapses after the stale request saved its payment, before it stores its result."""
+    if not store_is_transactional():
+        pytest.skip("only the ORM store's transaction can roll back a write made before it lost")
+    sqlite = connection.vendor == "sqlite"
+    if sqlite:
+        # The takeover waits on the stale request's write lock while the stale request waits for
+        # the takeover: SQLite's busy timeout (shared by connections opened from now on) ends it.
+        monkeypatch.setitem(connection.settings_dict["OPTIONS"], "timeout", 1)
+    key = new_key()
+    takeover = Takeover(path, key, principal, clock)
+    stale_payment: list[int] = []
+
+    def after_save(sender: type[Payment], instance: Payment, **kwargs: Any) -> None:
+        if not stale_payment:
+            stale_payment.append(instance.pk)
+            takeover()
+
+    post_save.connect(after_save, sender=Payment, weak=False, dispatch_uid="stale-write")
+    try:
+        stale = in_thread(lambda: client_post(path, key, principal.token, "stale"))
+    finally:
+        post_save.disconnect(sender=Payment, dispatch_uid="stale-write")
+
+    assert takeover.error is None, takeover.error
+    assert takeover.outcome is not None
+    winner = stale if sqlite else takeover.outcome
+    if sqlite:
+        # Lock contention surfaces as 503 for the takeover; the stale request kept its claim.
+        assert takeover.outcome.status == 503, takeover.outcome.describe()
+        assert takeover.outcome.problem == UNAVAILABLE
+        assert stale.fresh, stale.describe()
+        assert principal.payments() == stale_payment
+    else:
+        assert takeover.outcome.fresh, takeover.outcome.describe()
+        assert stale.status == 409, stale.describe()
+        assert stale.problem == IN_PROGRESS
+        assert stale_payment[0] not in principal.payments()
+        assert principal.payments() == [takeover.outcome.payment_id()]
+    replay = client_post(path, key, principal.token)
+    assert (replay.status, replay.replayed, replay.body) == (201, True, winner.body)
