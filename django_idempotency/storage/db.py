@@ -171,11 +171,17 @@ class DatabaseStorage(BaseStorage):
         """Walk the matching records by primary key, one short statement at a time.
 
         A batch is a SELECT of at most ``batch_size`` primary keys (a plain read: no row locks on
-        PostgreSQL, MariaDB or SQLite) and a DELETE of those keys that repeats the condition, so a
-        record that a request re-claimed in between survives. In autocommit each DELETE commits
-        on its own, so a claim or a replay waits for at most one batch. Each pass resumes after
-        the last key it saw rather than rescanning from the start, so rows deleted by earlier
-        batches are not walked over again.
+        PostgreSQL, MariaDB or SQLite) and a DELETE that repeats the condition, so a record that
+        a request re-claimed in between survives. In autocommit each DELETE commits on its own,
+        so a claim or a replay waits for at most one batch. Each pass resumes after the last key
+        it saw rather than rescanning from the start, so rows deleted by earlier batches are not
+        walked over again.
+
+        The DELETE names the batch by its first and last key, not by an IN list: a list of
+        thousands of placeholders cost more to build and parse than PostgreSQL spent deleting
+        (see ``docs/purge.md``), and SQLite caps parameters. Keys inside the range that the SELECT
+        skipped did not match the condition, and with the cutoff fixed only a record that is
+        expired anyway could match later, so the range deletes the batch and nothing live.
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -232,7 +238,7 @@ class DatabaseStorage(BaseStorage):
             pks = list(matching.order_by("pk").values_list("pk", flat=True)[:batch_size])
             if not pks:
                 return True
-            count = len(pks) if dry_run else self._delete_batch(pks, condition)
+            count = len(pks) if dry_run else self._delete_batch(pks[0], pks[-1], condition)
             seconds = time.monotonic() - began
             tally.add(kind, count, seconds)
             if progress is not None:
@@ -241,25 +247,13 @@ class DatabaseStorage(BaseStorage):
                 return True
             last_pk = pks[-1]
 
-    def _delete_batch(self, pks: list[object], condition: Q) -> int:
+    def _delete_batch(self, first: object, last: object, condition: Q) -> int:
         # QuerySet.delete() loads every row into Python, response bodies included, as soon as
         # any pre_delete or post_delete receiver is connected (audit apps connect them for all
         # models). The raw DELETE never does; no model points at IdempotencyKey, so nothing
         # cascades, and no delete signals are sent for purged records.
-        limit = connections[self.using].features.max_query_params
-        # Django assumes SQLite's old 999-parameter cap; leave room for the condition's own.
-        chunk = len(pks) if limit is None else max(1, limit - 10)
-        if len(pks) <= chunk:
-            return int(self._objects.filter(condition, pk__in=pks)._raw_delete(self.using))
-        with transaction.atomic(using=self.using):
-            return sum(
-                int(
-                    self._objects.filter(condition, pk__in=pks[i : i + chunk])._raw_delete(
-                        self.using
-                    )
-                )
-                for i in range(0, len(pks), chunk)
-            )
+        batch = self._objects.filter(condition, pk__gte=first, pk__lte=last)
+        return int(batch._raw_delete(self.using))
 
 
 _RECORD_FIELDS = (
