@@ -459,6 +459,34 @@ def test_command_time_limit_says_it_stopped(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.django_db
+def test_command_accepts_durations_as_call_command_keywords() -> None:
+    make(2, expires_at=NOW - 8 * 24 * HOUR)
+    kept = make(1, expires_at=NOW - HOUR)
+    make(1, expires_at=NOW + HOUR, state=State.IN_FLIGHT, lease_expires_at=NOW - 3 * HOUR)
+    out = StringIO()
+
+    call_command(
+        "purge_idempotency_keys", older_than="7d", stale_in_flight="2h", batch_size=10, stdout=out
+    )
+
+    assert normalise(out.getvalue()) == (
+        "Deleted 3 idempotency keys (1 stale in flight) in 2 batches (T).\n"
+    )
+    assert len(remaining()) == 1
+    assert remaining() == set(kept)
+
+
+def test_command_rejects_a_bad_duration_keyword() -> None:
+    with pytest.raises(CommandError) as excinfo:
+        call_command("purge_idempotency_keys", older_than="soon")
+
+    assert str(excinfo.value) == (
+        "--older-than: 'soon' is not a duration: use a whole number followed by "
+        "w, d, h, m or s (7d, 36h, 90m, 45s, or a sum such as 1d12h)"
+    )
+
+
+@pytest.mark.django_db
 def test_command_database_option() -> None:
     make(2, expires_at=NOW - HOUR)
 

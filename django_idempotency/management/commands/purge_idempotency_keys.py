@@ -125,6 +125,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         verbosity: int = options["verbosity"]
+        # call_command() hands keyword options over without running them through the parser.
+        for name in ("older_than", "stale_in_flight"):
+            if isinstance(options[name], str):
+                options[name] = self._duration(name, options[name])
         store = self._store(options["database"])
         if store.native_expiry:
             if verbosity >= 1:
@@ -156,6 +160,13 @@ class Command(BaseCommand):
             raise CommandError(f"Purging idempotency keys failed: {exc}") from exc
         if verbosity >= 1:
             self.stdout.write(self._summary(result))
+
+    @staticmethod
+    def _duration(name: str, value: str) -> timedelta:
+        try:
+            return parse_duration(value)
+        except argparse.ArgumentTypeError as exc:
+            raise CommandError(f"--{name.replace('_', '-')}: {exc}") from exc
 
     def _store(self, database: str | None) -> BaseStorage:
         if database is None:
