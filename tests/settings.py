@@ -16,6 +16,11 @@ from typing import Any
 DB_BACKEND = os.environ.get("IDEMPOTENCY_TEST_DB", "sqlite")
 STORE_BACKEND = os.environ.get("IDEMPOTENCY_TEST_STORE", "db")
 REDIS_URL = os.environ.get("IDEMPOTENCY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# One key prefix per test run, inherited by the server processes the concurrency tests start, so
+# that runs sharing a Redis neither see nor empty each other's records.
+REDIS_KEY_PREFIX = os.environ.setdefault(
+    "IDEMPOTENCY_TEST_REDIS_PREFIX", f"idem-tests-{os.getpid()}"
+)
 
 SECRET_KEY = "tests-only-not-secret"  # noqa: S105
 DEBUG = False
@@ -131,7 +136,7 @@ if STORE_BACKEND == "redis":
         "idempotency": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "idem-tests",
+            "KEY_PREFIX": REDIS_KEY_PREFIX,
         },
     }
 elif STORE_BACKEND == "db":
