@@ -9,6 +9,7 @@ Run them apart from the package suite, which uses ``tests.settings``::
 
 from __future__ import annotations
 
+from example_project import settings as example
 from example_project.settings import *  # noqa: F403
 from example_project.settings import DATABASE, INSTALLED_APPS, STORE
 
@@ -20,3 +21,11 @@ STORE_BACKEND = "redis" if STORE == "cache" else "db"
 
 # Hashing cost is irrelevant here and dominates the time of tests that create users.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+if STORE == "cache":
+    # tests/conftest.py empties the store's key prefix around each test: keep the tests' records
+    # apart from those of an example server running on the same Redis.
+    CACHES = {
+        **example.CACHES,
+        "idempotency": {**example.CACHES["idempotency"], "KEY_PREFIX": "example-shop-tests"},
+    }
