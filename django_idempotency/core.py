@@ -282,12 +282,26 @@ class Flight:
             return response
         try:
             self._close(commit=True)
-        except Exception as exc:  # the commit itself failed: nothing was stored
+        except Exception as exc:
+            if self._stored():
+                # The commit went through; a transaction.on_commit() callback raised after it.
+                # The result is stored and will replay, so the client gets it now as well.
+                logger.exception(
+                    "An on_commit callback failed after key %s was stored", self.key_hash[:12]
+                )
+                return response
             logger.error("Commit failed for key %s: %s", self.key_hash[:12], exc)
             signals.store_error.send(sender=sender, error=exc, stage="complete", **self._info)
             self._release()
             return problem(StoreUnavailable(retry_after=settings.IDEMPOTENCY_RETRY_AFTER))
         return response
+
+    def _stored(self) -> bool:
+        try:
+            record = self.engine.storage.get(self.scope, self.key_hash)
+        except StoreError:
+            return False
+        return record is not None and record.state is not State.IN_FLIGHT
 
     def fail(
         self,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connections
+from django.db import connections, transaction
 from django.db.utils import load_backend
 from django.test import Client, override_settings
 from django.utils import timezone
@@ -463,3 +463,21 @@ def test_store_down_fail_open_runs_the_view(
     assert response.status_code == 201
     assert Payment.objects.count() == 1
     assert "WITHOUT protection" in caplog.text
+
+
+@pytest.mark.skipif(not TRANSACTIONAL, reason="only the ORM store commits with the view")
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sync], ids=str)
+def test_failing_on_commit_callback_keeps_the_committed_answer(
+    client: Client, entry: Entry
+) -> None:
+    def explode() -> None:
+        raise RuntimeError("notification service down")
+
+    views.HOOKS.append(lambda: transaction.on_commit(explode))
+    first = send(client, entry.url, key="notify")
+    views.HOOKS.clear()
+    assert first.status_code == 201
+    retry = send(client, entry.url, key="notify")
+    assert retry["Idempotent-Replayed"] == "true"
+    assert retry.content == first.content
+    assert Payment.objects.count() == 1
