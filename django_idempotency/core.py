@@ -268,8 +268,10 @@ class Flight:
             signals.store_error.send(sender=sender, error=exc, stage="complete", **self._info)
             logger.error("Could not store the result for key %s: %s", self.key_hash[:12], exc)
             if self._in_transaction:
-                # The view's writes share the failed transaction: keep them out with the result.
+                # The view's writes share the failed transaction: keep them out with the result,
+                # and free the key if the store answers again, so the retry need not wait.
                 self._close(commit=False)
+                self._release()
                 return problem(StoreUnavailable(retry_after=settings.IDEMPOTENCY_RETRY_AFTER))
             return response
         if not owned:
