@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -334,6 +335,15 @@ def test_foreign_value_under_the_key_is_a_store_error(
         _claim(store, "k")
 
 
+@needs_redis
+def test_damaged_record_is_a_store_error(store: CacheStorage, raw: redis.Redis) -> None:
+    raw.hset(store.cache_key(SCOPE, "k"), mapping={"state": "in_flight"})
+    with pytest.raises(StoreError, match="unreadable"):
+        store.get(SCOPE, "k")
+    with pytest.raises(StoreError, match="claim failed: ResponseError"):
+        _claim(store, "k")
+
+
 # --- Redis unreachable ---------------------------------------------------------------------
 
 
@@ -517,6 +527,32 @@ def test_fallback_reports_a_failing_cache_as_store_error(locmem: CacheStorage) -
         locmem.get(SCOPE, "k")
 
 
+def test_fallback_reclaim_has_one_winner(locmem: CacheStorage) -> None:
+    start = _now()
+    crashed = _claim(locmem, "k", now=start)
+    # Another request already holds the takeover guard of this dead lease.
+    guard = f"{locmem.cache_key(SCOPE, 'k')}:takeover:{crashed.token}"
+    assert locmem.cache.add(guard, "someone-else", 60)
+    with pytest.raises(StoreError, match="losing races"):
+        _claim(locmem, "k", now=start + LEASE)
+
+
+def test_fallback_refuses_a_foreign_value(locmem: CacheStorage) -> None:
+    locmem.cache.set(locmem.cache_key(SCOPE, "k"), "[1, 2]")
+    with pytest.raises(StoreError, match="unreadable"):
+        locmem.get(SCOPE, "k")
+
+
+def test_fallback_turns_backend_failures_into_store_error(settings: Any, tmp_path: Path) -> None:
+    location = tmp_path / "cache"
+    _use_cache(settings, "django.core.cache.backends.filebased.FileBasedCache", str(location))
+    store = get_storage()
+    location.rmdir()
+    location.write_text("a file where the cache directory was")
+    with pytest.raises(StoreError, match="claim failed"):
+        _claim(store, "k")  # type: ignore[arg-type]
+
+
 def test_dummy_cache_is_refused(settings: Any) -> None:
     _use_cache(settings, "django.core.cache.backends.dummy.DummyCache", "")
     with pytest.raises(ImproperlyConfigured, match="DummyCache"):
@@ -572,6 +608,11 @@ def test_check_w003_database_cache(settings: Any) -> None:
 @pytest.mark.parametrize("backend", BACKENDS.values())
 def test_redis_caches_pass_the_checks(settings: Any, backend: str) -> None:
     _use_cache(settings, backend, REDIS_URL)
+    assert not [i for i in _ids(settings) if i[-4:] in ("E006", "E007", "W003")]
+
+
+def test_unimportable_cache_backend_is_left_to_django(settings: Any) -> None:
+    _use_cache(settings, "no.such.Cache", "")
     assert not [i for i in _ids(settings) if i[-4:] in ("E006", "E007", "W003")]
 
 
