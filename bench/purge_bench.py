@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"live rows after       {live_after:,} of {expected_live:,}")
     if probe is not None:
         print(
-            f"concurrent claims     {len(probe.latencies):,}, slowest "
+            f"concurrent claims     {len(probe.latencies):,}, median "
+            f"{statistics.median(probe.latencies or [0]) * 1000:.1f} ms, slowest "
             f"{max(probe.latencies, default=0) * 1000:.1f} ms, lost {probe.failures}"
         )
 

@@ -572,6 +572,13 @@ def test_command_native_expiry(args: list[str]) -> None:
     assert run(*args, verbosity=0) == ""
 
 
+@override_settings(IDEMPOTENCY_STORE="cache")
+def test_command_with_the_cache_store() -> None:
+    assert run("--dry-run") == (
+        "CacheStorage expires idempotency keys natively; there is nothing to purge.\n"
+    )
+
+
 @pytest.mark.django_db
 def test_command_failure_is_a_command_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(self: DatabaseStorage, **kwargs: object) -> None:
