@@ -413,8 +413,9 @@ def stop_servers(processes: list[subprocess.Popen[str]]) -> None:
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[Server]]:
-    running = start_servers(3, tmp_path, delay=OVERLAP_DELAY)
+def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[Server]]:
+    """Three server processes; parametrize indirectly with the view's delay."""
+    running = start_servers(3, tmp_path, delay=getattr(request, "param", OVERLAP_DELAY))
     try:
         yield running
     finally:
@@ -422,6 +423,9 @@ def servers(tmp_path: Path) -> Iterator[list[Server]]:
 
 
 @pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+@pytest.mark.parametrize(
+    "servers", [OVERLAP_DELAY, 0.0], ids=["overlapping", "fast-view"], indirect=True
+)
 def test_storm_across_three_server_processes_runs_the_view_once(
     path: str, principal: Principal, servers: list[Server]
 ) -> None:
@@ -434,7 +438,10 @@ def test_storm_across_three_server_processes_runs_the_view_once(
 
     logs = "\n".join(s.stderr_tail() for s in servers)
     assert "Traceback" not in logs, logs
-    first = check_storm(outcomes)
+    try:
+        first = check_storm(outcomes)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- server logs ---\n{logs}") from exc
     assert principal.payments() == [first.payment_id()]
     again = http_post(servers[1].url + path, key, principal.token)
     assert (again.status, again.replayed, again.body) == (201, True, first.body)
