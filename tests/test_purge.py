@@ -34,6 +34,7 @@ from django_idempotency.storage.base import (
 from django_idempotency.storage.db import DatabaseStorage
 
 NOW = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
+REAL_CLOCK = command.now
 HOUR = timedelta(hours=1)
 LEASE = timedelta(seconds=60)
 
@@ -531,6 +532,11 @@ def test_command_rejects_bad_arguments(args: list[str], message: str) -> None:
         run(*args)
 
     assert str(excinfo.value) == f"Error: {message}"
+
+
+def test_the_command_clock_is_aware_wall_time() -> None:
+    before = datetime.now(timezone.utc)
+    assert before <= REAL_CLOCK() <= datetime.now(timezone.utc)
 
 
 @pytest.mark.parametrize(
