@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the test suite over the backend matrix. Needs nothing but Python 3.
 
-    python3 runtests.py                      # every backend: sqlite, postgres, mariadb, redis
+    python3 runtests.py                      # sqlite, postgres, mariadb, redis, example project
     python3 runtests.py --backend sqlite     # one backend (repeatable)
     python3 runtests.py -- -k replay -x      # extra pytest arguments after --
 
@@ -27,21 +27,22 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("IDEMPOTENCY_VENV", ROOT / ".venv"))
 EXTRAS = os.environ.get("IDEMPOTENCY_EXTRAS", "test")
 
-# name: (environment, (host, port) that must answer or None)
-BACKENDS: dict[str, tuple[dict[str, str], tuple[str, int] | None]] = {
-    "sqlite": ({"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "db"}, None),
-    "postgres": (
-        {"IDEMPOTENCY_TEST_DB": "postgres", "IDEMPOTENCY_TEST_STORE": "db"},
-        ("127.0.0.1", 5432),
-    ),
+# name: (environment, servers that must answer, pytest arguments)
+MAIN = ["--ignore=tests/example"]
+EXAMPLE = ["-p", "no:randomly", "--ds=tests.example.settings", "tests/example"]
+PG, MARIADB, REDIS = ("127.0.0.1", 5432), ("127.0.0.1", 3306), ("127.0.0.1", 6379)
+BACKENDS: dict[str, tuple[dict[str, str], list[tuple[str, int]], list[str]]] = {
+    "sqlite": ({"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "db"}, [], MAIN),
+    "postgres": ({"IDEMPOTENCY_TEST_DB": "postgres", "IDEMPOTENCY_TEST_STORE": "db"}, [PG], MAIN),
     "mariadb": (
         {"IDEMPOTENCY_TEST_DB": "mariadb", "IDEMPOTENCY_TEST_STORE": "db"},
-        ("127.0.0.1", 3306),
+        [MARIADB],
+        MAIN,
     ),
-    "redis": (
-        {"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "redis"},
-        ("127.0.0.1", 6379),
-    ),
+    "redis": ({"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "redis"}, [REDIS], MAIN),
+    # The example project's own tests, with its own settings: SQLite, then PostgreSQL + Redis.
+    "example": ({"EXAMPLE_BACKEND": "sqlite"}, [], EXAMPLE),
+    "example-production": ({"EXAMPLE_BACKEND": "production"}, [PG, REDIS], EXAMPLE),
 }
 
 
@@ -68,14 +69,15 @@ def ensure_venv() -> None:
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
-def answers(address: tuple[str, int] | None) -> bool:
-    if address is None:
-        return True
-    try:
-        with socket.create_connection(address, timeout=2):
-            return True
-    except OSError:
-        return False
+def missing(addresses: list[tuple[str, int]]) -> list[str]:
+    down = []
+    for address in addresses:
+        try:
+            with socket.create_connection(address, timeout=2):
+                pass
+        except OSError:
+            down.append(f"{address[0]}:{address[1]}")
+    return down
 
 
 def main() -> int:
@@ -100,17 +102,19 @@ def main() -> int:
     results: dict[str, str] = {}
     complete = selected == list(BACKENDS)
     for name in selected:
-        env_vars, address = BACKENDS[name]
-        if not answers(address):
+        env_vars, addresses, pytest_args = BACKENDS[name]
+        down = missing(addresses)
+        if down:
             complete = False
-            note = f"{name}: server not answering at {address[0]}:{address[1]}"  # type: ignore[index]
-            print(f"\nruntests: {note}; its tests will be {'FAILED' if required else 'skipped'}")
+            verdict = "FAILED" if required else "skipped"
+            print(f"\nruntests: {name}: nothing answers at {', '.join(down)}; tests {verdict}")
         env = {**os.environ, **env_vars, "PYTHONPATH": str(ROOT)}
         runner = [python, "-m", "pytest"]
         if not args.no_coverage:
             runner = [python, "-m", "coverage", "run", "-m", "pytest"]
         print(f"\n===== backend {name} =====", flush=True)
-        code = subprocess.run([*runner, *args.pytest_args], cwd=ROOT, env=env).returncode
+        command = [*runner, *pytest_args, *args.pytest_args]
+        code = subprocess.run(command, cwd=ROOT, env=env).returncode
         results[name] = "passed" if code == 0 else f"FAILED (exit {code})"
 
     failed = any(r != "passed" for r in results.values())
@@ -125,7 +129,7 @@ def main() -> int:
             failed = True
     print("\nruntests summary:")
     for name, result in results.items():
-        print(f"  {name:10} {result}")
+        print(f"  {name:18} {result}")
     return 1 if failed else 0
 
 
