@@ -326,6 +326,24 @@ def test_storm_of_one_key_runs_the_view_once(
     assert Payment.objects.count() == 1
 
 
+@pytest.mark.parametrize("path", DRF_ENTRY_POINTS)
+@override_settings(IDEMPOTENCY_WAIT=20)
+def test_waiting_storm_replays_the_one_execution(
+    path: str, principal: Principal, executions: Executions
+) -> None:
+    """With a wait longer than the view, duplicates poll the record and replay, none answers 409."""
+    views.DELAY = OVERLAP_DELAY
+    key = new_key()
+    outcomes = run_together(
+        [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(50)]
+    )
+
+    first = check_storm(outcomes)
+    assert not [o for o in outcomes if o.status == 409], summary(outcomes)
+    assert executions.count == 1
+    assert principal.payments() == [first.payment_id()]
+
+
 def test_storm_of_many_keys_runs_each_view_once(
     principal: Principal, executions: Executions
 ) -> None:
