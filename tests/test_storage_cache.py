@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
+from django.conf import settings as django_settings
 from django.core.checks import Error, Warning
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
@@ -37,8 +39,9 @@ from tests.behaviour import fingerprint_for
 from tests.testapp import views
 from tests.testapp.models import Payment
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
+_SERVER = urlsplit(django_settings.REDIS_URL)
+REDIS_HOST = _SERVER.hostname or "127.0.0.1"
+REDIS_PORT = _SERVER.port or 6379
 # Database 15 belongs to the redis matrix (tests/settings.py); these tests keep to 14.
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/14"
 REQUIRE_SERVICES = os.environ.get("IDEMPOTENCY_TEST_REQUIRE_SERVICES") == "1"
