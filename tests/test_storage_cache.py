@@ -372,6 +372,31 @@ def test_unreachable_redis_raises_store_error(redis_down: None) -> None:
         store.get(SCOPE, "k")
 
 
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts connections and never answers, like a hung Redis."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("django-redis", {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2}),
+        ("django-builtin", {"socket_connect_timeout": 0.2, "socket_timeout": 0.2}),
+    ],
+)
+def test_hung_redis_times_out_as_store_error(
+    settings: Any, silent_server: int, backend: str, options: dict[str, float]
+) -> None:
+    location = f"redis://127.0.0.1:{silent_server}/0"
+    _use_cache(settings, BACKENDS[backend], location, OPTIONS=options)
+    with pytest.raises(StoreError, match="claim failed: TimeoutError"):
+        get_storage().claim(SCOPE, "k", "fp", now=_now(), lease=LEASE, ttl=TTL)
+
+
 def _post(url: str, key: str = "key-1") -> Any:
     return Client().post(
         url, json.dumps({"amount": 10}), content_type="application/json", HTTP_IDEMPOTENCY_KEY=key
