@@ -5,14 +5,16 @@ through the raw redis-py client, so each is atomic on the server and costs one r
 claim reads and writes in one step (never read-then-write), and completion and release are a
 compare-and-set / compare-and-delete on the owner token. The raw client is used on purpose: the
 cache backend's serializer would pickle values, and django-redis ``IGNORE_EXCEPTIONS`` would turn
-an unreachable server into a silent miss, that is into a claim that never happened.
+an unreachable server into answers that look like "no record", an outcome this layer must never
+guess.
 
 A record is a Redis hash of short text fields; the stored response is one JSON document whose body
 is base64, so nothing read back is ever unpickled.
 
 Other caches get the closest safe equivalent built on ``cache.add()`` (see ``_CacheRecords``):
 the claim is as atomic as the backend's ``add``, but fencing is a read followed by a write. The
-system checks refuse those caches unless silenced (docs/stores.md explains the trade).
+system checks refuse per-process caches and warn on the database cache (docs/stores.md explains
+the trade).
 """
 
 from __future__ import annotations
