@@ -148,6 +148,33 @@ def test_lost_insert_race_reads_the_winner(
     assert reads[0] is None  # the first read saw nothing: the INSERT lost, then we re-read
 
 
+def test_owner_completing_during_a_takeover_wins(
+    store: DatabaseStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slow owner completes between the reclaimer's read and its UPDATE: no second run."""
+    start = timezone.now()
+    owner = store.claim("s", "h", "fp", now=start, lease=LEASE, ttl=TTL)
+    assert owner.token is not None
+    owner_token = owner.token
+    real_first = IdempotencyKeyQuerySet.first
+    reads = []
+
+    def first_then_owner_completes(qs: IdempotencyKeyQuerySet) -> object:
+        result = real_first(qs)
+        reads.append(result)
+        if len(reads) == 1:
+            assert DatabaseStorage().complete("s", "h", owner_token, RESPONSE, now=start)
+        return result
+
+    monkeypatch.setattr(IdempotencyKeyQuerySet, "first", first_then_owner_completes)
+    late = start + 2 * LEASE
+    takeover = store.claim("s", "h", "fp", now=late, lease=LEASE, ttl=TTL)
+    assert not takeover.won
+    assert takeover.record is not None
+    assert takeover.record.state is State.COMPLETED
+    assert takeover.record.response == RESPONSE
+
+
 def test_database_errors_become_store_errors() -> None:
     from django.db import connections
     from django.db.utils import load_backend

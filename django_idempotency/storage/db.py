@@ -97,7 +97,11 @@ class DatabaseStorage(BaseStorage):
                 record = _to_record(values)
                 if not record.can_be_taken_over(fingerprint, now):
                     return Claim(record=record)
-                taken = self._objects.filter(pk=pk, owner_token=old_token).update(**fresh)
+                # Conditioned on what was read: if the owner completed (or another request took
+                # over) since, nothing matches and the loop reads the record again.
+                taken = self._objects.filter(
+                    pk=pk, owner_token=old_token, state=record.state.value
+                ).update(**fresh)
                 if taken:
                     return Claim(token=token, reclaimed=not record.is_expired(now))
         except DatabaseError as exc:
