@@ -4,6 +4,8 @@ the test matrix, against every store. Each test is a row of the contract's outco
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -227,6 +229,33 @@ def test_wait_mode_answers_409_after_waiting(client: Client, user: Any, entry: E
     with override_settings(IDEMPOTENCY_WAIT=0.2):
         response = send(client, entry.url, key="busy")
     assert response.status_code == 409
+
+
+@entries
+def test_wait_mode_replays_when_the_original_finishes(
+    client: Client, user: Any, entry: Entry
+) -> None:
+    from django_idempotency.keys import hash_key
+    from django_idempotency.storage.base import StoredResponse
+
+    token = _hold_key(user, "busy", fingerprint_for(entry.url))
+    scope = scope_of(user)
+    stored = StoredResponse(201, (("Content-Type", "application/json"),), b'{"id": 1}')
+
+    def finish_later() -> None:
+        time.sleep(0.3)
+        get_storage().complete(scope, hash_key(scope, "busy"), token, stored, now=timezone.now())
+        connections.close_all()
+
+    worker = threading.Thread(target=finish_later)
+    worker.start()
+    with override_settings(IDEMPOTENCY_WAIT=5):
+        response = send(client, entry.url, key="busy")
+    worker.join()
+    assert response.status_code == 201
+    assert response["Idempotent-Replayed"] == "true"
+    assert response.content == b'{"id": 1}'
+    assert Payment.objects.count() == 0
 
 
 # --- scope ----------------------------------------------------------------------------------
