@@ -63,6 +63,9 @@ TEMPLATES = [
     }
 ]
 
+# Test users need a password, not a slow one: PBKDF2 would dominate the suite's time.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",

@@ -25,6 +25,8 @@ from tests.factories import UserFactory
 from tests.testapp import views
 from tests.testapp.models import Payment
 
+# Every test commits for real, as requests do in production: the claim is its own committed
+# INSERT and the view's transaction a real one, not savepoints inside a test transaction.
 pytestmark = pytest.mark.django_db(transaction=True)
 
 entries = pytest.mark.parametrize("entry", ENTRIES, ids=str)
