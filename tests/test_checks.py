@@ -61,6 +61,7 @@ def test_every_emitted_id_is_registered() -> None:
     assert {i.removeprefix("django_idempotency.") for i in emitted} <= set(CHECK_IDS)
 
 
+@pytest.mark.django_db  # model checks query the database's JSON support on newer Django
 def test_manage_py_check_fails_on_an_error() -> None:
     with override_settings(IDEMPOTENCY_STORE="no.such.Store"), pytest.raises(SystemCheckError):
         call_command("check")
