@@ -311,9 +311,22 @@ class Flight:
         exc: BaseException | None = None,
         tb: TracebackType | None = None,
     ) -> None:
-        """The view raised: roll back its writes and release the key, so a retry runs once."""
+        """The view raised: roll back its writes and release the key, so a retry runs once.
+
+        ``SystemExit``, ``KeyboardInterrupt`` and ``asyncio.CancelledError`` are not the view's
+        verdict but its worker being stopped (a timeout, a deploy, a client gone): whatever the
+        view did outside the database may have happened, so the key is kept until its lease ends.
+        """
         self._in_transaction = False
         self._stack.__exit__(exc_type or _Rollback, exc or _Rollback(), tb)
+        if exc is not None and not isinstance(exc, Exception):
+            logger.warning(
+                "Request for key %s was interrupted (%s); the key stays claimed until its lease "
+                "ends",
+                self.key_hash[:12],
+                type(exc).__name__,
+            )
+            return
         self._release()
 
     def _release(self) -> None:

@@ -110,16 +110,21 @@ class IdempotencyMixin(_Base):  # type: ignore[misc]
         elif outcome is not None:
             raise _Answer(outcome)
 
-    def handle_exception(self, exc: Exception) -> HttpResponseBase:
-        if isinstance(exc, _Answer):
-            return exc.response
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        # Whatever escapes DRF's own handling (an exception DRF re-raises, or the worker being
+        # stopped) must still close the view's transaction and settle the key.
         try:
-            return super().handle_exception(exc)  # type: ignore[no-any-return]
+            return super().dispatch(request, *args, **kwargs)  # type: ignore[no-any-return]
         except BaseException:
             flight, self._idempotency_flight = self._idempotency_flight, None
             if flight is not None:
                 flight.fail(*sys.exc_info())
             raise
+
+    def handle_exception(self, exc: Exception) -> HttpResponseBase:
+        if isinstance(exc, _Answer):
+            return exc.response
+        return super().handle_exception(exc)  # type: ignore[no-any-return]
 
     def finalize_response(
         self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any

@@ -410,6 +410,23 @@ def test_raised_exception_releases_the_key(client: Client, entry: Entry) -> None
     assert Payment.objects.count() == 1
 
 
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sync], ids=str)
+def test_stopped_worker_keeps_the_key_until_its_lease_ends(
+    client: Client, entry: Entry, clock: list[timedelta]
+) -> None:
+    views.SCRIPT.append("worker-stopped")
+    with pytest.raises(SystemExit):
+        send(client, entry.url, key="interrupted")
+    # The outcome is unknown: the key is neither released nor replayable...
+    retry = send(client, entry.url, key="interrupted")
+    assert retry.status_code == 409
+    assert problem(retry)["type"].endswith("#idempotency-request-in-progress")
+    # ...until the lease ends, when the next matching request takes it over and runs once.
+    clock.append(timedelta(seconds=61))
+    assert send(client, entry.url, key="interrupted").status_code == 201
+    assert Payment.objects.count() == 1
+
+
 @entries
 @override_settings(IDEMPOTENCY_STORE_SERVER_ERRORS=True)
 def test_server_errors_can_be_stored(client: Client, entry: Entry) -> None:

@@ -54,6 +54,8 @@ def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpRespo
     # "early-*" steps fail before anything is written; the others after the payment row exists.
     if step == "early-raise":
         raise RuntimeError("payment provider unreachable")
+    if step == "worker-stopped":
+        raise SystemExit(1)  # what gunicorn's worker timeout raises inside the view
     if step.startswith("early-"):
         code = int(step.removeprefix("early-"))
         return code, {"detail": f"failed with {code}"}, {}
