@@ -10,7 +10,9 @@ from datetime import datetime
 from typing import Any, TypeVar, overload
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest
+from django.core.exceptions import BadRequest, PermissionDenied
+from django.core.handlers.exception import response_for_exception
+from django.http import Http404, HttpRequest
 from django.http.response import HttpResponseBase
 
 from django_idempotency.core import (
@@ -128,16 +130,34 @@ def _claim_for(request: Any) -> bool:
 
 
 def _as_response(request: Any, exc: Exception) -> HttpResponseBase | None:
-    """Let DRF turn its own exceptions into responses, as it would for the mixin."""
-    view = getattr(request, "parser_context", {}).get("view")
-    if view is None or not hasattr(view, "handle_exception"):
-        return None
-    from rest_framework.exceptions import APIException
+    """The answer the framework would give for ``exc``, so that every entry point stores alike.
 
-    if not isinstance(exc, APIException):
-        return None
-    response: HttpResponseBase = view.handle_exception(exc)
-    return response
+    Under DRF the view's own ``handle_exception`` decides, exactly as for the mixin (it re-raises
+    what DRF does not handle). A plain Django view's 404, 403 and 400 exceptions become the
+    responses Django's handler would make; anything else is the view failing (``None``).
+    """
+    view = getattr(request, "parser_context", {}).get("view")
+    if view is not None and hasattr(view, "handle_exception"):
+        response: HttpResponseBase = view.handle_exception(exc)
+        return response
+    if isinstance(exc, Http404 | PermissionDenied | BadRequest):
+        return response_for_exception(request, exc)
+    return None
+
+
+def _recover(flight: Flight, request: Any, exc: BaseException) -> HttpResponseBase:
+    """Turn what the view raised into the framework's response, or fail the flight and re-raise."""
+    converted = None
+    if isinstance(exc, Exception):
+        try:
+            converted = _as_response(request, exc)
+        except Exception:
+            flight.fail(*sys.exc_info())
+            raise
+    if converted is None:
+        flight.fail(type(exc), exc, exc.__traceback__)
+        raise exc
+    return converted
 
 
 def _bind_renderer(request: Any, response: HttpResponseBase) -> None:
@@ -173,19 +193,8 @@ def _sync_wrapper(
         outcome.enter()
         try:
             response = func(*args, **kwargs)
-        except Exception as exc:
-            try:
-                converted = _as_response(request, exc)
-            except Exception:
-                outcome.fail(*sys.exc_info())
-                raise
-            if converted is None:
-                outcome.fail(*sys.exc_info())
-                raise
-            response = converted
-        except BaseException:
-            outcome.fail(*sys.exc_info())
-            raise
+        except BaseException as exc:
+            response = _recover(outcome, request, exc)
         _bind_renderer(request, response)
         return outcome.finish(response)
 
@@ -209,9 +218,8 @@ def _async_wrapper(
         outcome.enter(atomic=False)
         try:
             response = await func(*args, **kwargs)
-        except BaseException:
-            await sync_to_async(outcome.fail)(*sys.exc_info())
-            raise
+        except BaseException as exc:
+            response = await sync_to_async(_recover)(outcome, request, exc)
         return await sync_to_async(outcome.finish)(response)
 
     return wrapper

@@ -410,6 +410,17 @@ def test_raised_exception_releases_the_key(client: Client, entry: Entry) -> None
     assert Payment.objects.count() == 1
 
 
+@entries
+def test_not_found_raised_by_the_view_is_final_and_replayed(client: Client, entry: Entry) -> None:
+    views.SCRIPT.append("early-http404")
+    first = send(client, entry.url, key="missing-account")
+    replay = send(client, entry.url, key="missing-account")
+    assert first.status_code == replay.status_code == 404
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.content == first.content
+    assert Payment.objects.count() == 0
+
+
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sync], ids=str)
 def test_stopped_worker_keeps_the_key_until_its_lease_ends(
     client: Client, entry: Entry, clock: list[timedelta]

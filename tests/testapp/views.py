@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
@@ -54,6 +54,8 @@ def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpRespo
     # "early-*" steps fail before anything is written; the others after the payment row exists.
     if step == "early-raise":
         raise RuntimeError("payment provider unreachable")
+    if step == "early-http404":
+        raise Http404("no such account")
     if step == "worker-stopped":
         raise SystemExit(1)  # what gunicorn's worker timeout raises inside the view
     if step.startswith("early-"):
