@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
@@ -26,8 +27,11 @@ def _missing_service() -> str | None:
         db = settings.DATABASES["default"]
         if not _answers(db["HOST"], int(db["PORT"])):
             return f"{settings.DB_BACKEND} is not answering at {db['HOST']}:{db['PORT']}"
-    if settings.STORE_BACKEND == "redis" and not _answers("127.0.0.1", 6379):
-        return "Redis is not answering at 127.0.0.1:6379"
+    if settings.STORE_BACKEND == "redis":
+        location = urlsplit(settings.CACHES[settings.IDEMPOTENCY_CACHE_ALIAS]["LOCATION"])
+        host, port = location.hostname or "127.0.0.1", location.port or 6379
+        if not _answers(host, port):
+            return f"Redis is not answering at {host}:{port}"
     return None
 
 
