@@ -247,7 +247,20 @@ class Flight:
         if commit:
             self._stack.close()
         else:
-            self._stack.__exit__(_Rollback, _Rollback(), None)
+            self._rollback(_Rollback, _Rollback(), None)
+
+    def _rollback(
+        self,
+        exc_type: type[BaseException],
+        exc: BaseException,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self._stack.__exit__(exc_type, exc, tb)
+        except Exception as error:
+            # The rollback itself failed: the connection is gone, and the database discards the
+            # transaction with it. Nothing was committed, which is what a rollback is for.
+            logger.error("Rollback failed for key %s: %r", self.key_hash[:12], error)
 
     def finish(self, response: HttpResponseBase) -> HttpResponseBase:
         """Store ``response`` if it is final, else roll back and release. Returns what to send."""
@@ -318,7 +331,7 @@ class Flight:
         view did outside the database may have happened, so the key is kept until its lease ends.
         """
         self._in_transaction = False
-        self._stack.__exit__(exc_type or _Rollback, exc or _Rollback(), tb)
+        self._rollback(exc_type or _Rollback, exc or _Rollback(), tb)
         if exc is not None and not isinstance(exc, Exception):
             logger.warning(
                 "Request for key %s was interrupted (%s); the key stays claimed until its lease "

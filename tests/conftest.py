@@ -73,8 +73,10 @@ def _empty_redis_store() -> Iterator[None]:
 def _reset_views() -> Iterator[None]:
     views.SCRIPT.clear()
     views.HOOKS.clear()
+    views.AFTER_WRITE.clear()
     views.DELAY = 0.0
     yield
     views.SCRIPT.clear()
     views.HOOKS.clear()
+    views.AFTER_WRITE.clear()
     views.DELAY = 0.0

@@ -3,12 +3,14 @@ the test matrix, against every store. Each test is a row of the contract's outco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
@@ -18,10 +20,12 @@ from django.test import Client, override_settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from django_idempotency import core
+from django_idempotency import core, signals
+from django_idempotency.conf import settings as idempotency_settings
 from django_idempotency.storage import get_storage
 from tests.behaviour import ENTRIES, Entry, fingerprint_for, problem, record_for, scope_of, send
 from tests.factories import UserFactory
+from tests.faults import TcpProxy
 from tests.testapp import views
 from tests.testapp.models import Payment
 
@@ -540,3 +544,61 @@ def test_failing_on_commit_callback_keeps_the_committed_answer(
     assert retry["Idempotent-Replayed"] == "true"
     assert retry.content == first.content
     assert Payment.objects.count() == 1
+
+
+@contextlib.contextmanager
+def _store_that_breaks_after_the_write() -> Iterator[None]:
+    """The store fails for real between the view's write and the completion."""
+    if TRANSACTIONAL:
+        # The ORM store shares the view's connection: close the socket under Django's feet.
+        alias = idempotency_settings.IDEMPOTENCY_DATABASE
+        views.AFTER_WRITE.append(lambda: connections[alias].connection.close())
+        yield
+        return
+    # The cache store talks to Redis through a proxy whose plug is pulled after the write.
+    location = urlsplit(settings.CACHES[idempotency_settings.IDEMPOTENCY_CACHE_ALIAS]["LOCATION"])
+    proxy = TcpProxy(location.hostname or "127.0.0.1", location.port or 6379)
+    through_proxy = {
+        **settings.CACHES[idempotency_settings.IDEMPOTENCY_CACHE_ALIAS],
+        "LOCATION": f"redis://127.0.0.1:{proxy.port}{location.path}",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+    }
+    views.AFTER_WRITE.append(proxy.cut)
+    caches = {**settings.CACHES, "proxied": through_proxy}
+    with override_settings(CACHES=caches, IDEMPOTENCY_CACHE_ALIAS="proxied"):
+        yield
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sync], ids=str)
+def test_store_failing_after_the_view_succeeded(
+    client: Client, entry: Entry, clock: list[timedelta], caplog: pytest.LogCaptureFixture
+) -> None:
+    errors: list[str] = []
+
+    def on_error(sender: Any, stage: str, **kwargs: Any) -> None:
+        errors.append(stage)
+
+    signals.store_error.connect(on_error)
+    try:
+        with _store_that_breaks_after_the_write():
+            first = send(client, entry.url, key="fragile")
+            views.AFTER_WRITE.clear()
+            retry = send(client, entry.url, key="fragile")
+    finally:
+        signals.store_error.disconnect(on_error)
+    assert errors[0] == "complete"
+    assert "fragile" not in caplog.text
+    if TRANSACTIONAL:
+        # The payment shared the broken transaction: it is gone, the client is told to retry,
+        # and the retry runs once.
+        assert first.status_code == 503
+        assert problem(first)["type"].endswith("#idempotency-store-unavailable")
+        assert retry.status_code == 201
+        assert Payment.objects.count() == 1
+    else:
+        # The payment is committed: the client gets it; the key stays in flight until its lease
+        # ends (retries meanwhile get 409), because the store could not record the result.
+        assert first.status_code == 201
+        assert Payment.objects.count() == 1
+        # The store is gone for the retry too: fail closed.
+        assert retry.status_code == 503

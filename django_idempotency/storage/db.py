@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db import Error, IntegrityError, connections, transaction
 from django.db.models import Q
 
 from django_idempotency.conf import settings
@@ -32,6 +32,9 @@ from django_idempotency.storage.base import (
     StoredResponse,
     new_token,
 )
+
+# Errors are caught as django.db.Error, not DatabaseError: a connection that died under the
+# driver surfaces as InterfaceError, which is not a DatabaseError (PEP 249).
 
 # A claim that loses every race this many times in a row reports the store as unavailable
 # (the caller answers 503) rather than looping under a storm.
@@ -104,7 +107,7 @@ class DatabaseStorage(BaseStorage):
                 ).update(**fresh)
                 if taken:
                     return Claim(token=token, reclaimed=not record.is_expired(now))
-        except DatabaseError as exc:
+        except Error as exc:
             raise StoreError(f"claim failed: {exc.__class__.__name__}") from exc
         raise StoreError("claim kept losing races for the same key")
 
@@ -129,13 +132,13 @@ class DatabaseStorage(BaseStorage):
             }
         try:
             return bool(self._owned(scope, key_hash, token).update(**values))
-        except DatabaseError as exc:
+        except Error as exc:
             raise StoreError(f"complete failed: {exc.__class__.__name__}") from exc
 
     def release(self, scope: str, key_hash: str, token: str) -> bool:
         try:
             deleted, _ = self._owned(scope, key_hash, token).delete()
-        except DatabaseError as exc:
+        except Error as exc:
             raise StoreError(f"release failed: {exc.__class__.__name__}") from exc
         return bool(deleted)
 
@@ -146,7 +149,7 @@ class DatabaseStorage(BaseStorage):
                 .values_list(*_RECORD_FIELDS)
                 .first()
             )
-        except DatabaseError as exc:
+        except Error as exc:
             raise StoreError(f"get failed: {exc.__class__.__name__}") from exc
         return None if row is None else _to_record(list(row))
 
@@ -200,7 +203,7 @@ class DatabaseStorage(BaseStorage):
                     kind, condition, tally, batch_size, dry_run, max_batches, time_limit, progress
                 ):
                     break
-        except DatabaseError as exc:
+        except Error as exc:
             raise StoreError(
                 f"purge failed after {tally.deleted} records in {tally.batches} batches: "
                 f"{exc.__class__.__name__}: {exc}"

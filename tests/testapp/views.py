@@ -25,6 +25,8 @@ from tests.testapp.models import Payment
 SCRIPT: list[str] = []
 DELAY = 0.0
 HOOKS: list[Callable[[], None]] = []
+#: Run after the payment row is written, before the view returns.
+AFTER_WRITE: list[Callable[[], None]] = []
 _lock = threading.Lock()
 
 
@@ -64,6 +66,8 @@ def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpRespo
     serializer = PaymentSerializer(data=data)
     serializer.is_valid(raise_exception=True)
     payment = serializer.save(user=user if user.is_authenticated else None)
+    for hook in list(AFTER_WRITE):
+        hook()
     if step == "raise":
         raise RuntimeError("payment provider exploded")
     if step.isdigit():

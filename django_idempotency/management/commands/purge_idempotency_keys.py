@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections
+from django.db import Error, connections
 from django.utils import timezone
 
 from django_idempotency.exceptions import StoreError
@@ -156,7 +156,7 @@ class Command(BaseCommand):
                 older_than=options["older_than"],
                 progress=progress if verbosity >= 2 else None,
             )
-        except (StoreError, DatabaseError) as exc:
+        except (StoreError, Error) as exc:
             raise CommandError(f"Purging idempotency keys failed: {exc}") from exc
         if verbosity >= 1:
             self.stdout.write(self._summary(result))
