@@ -370,6 +370,15 @@ def test_malformed_keys_are_refused(client: Client, entry: Entry, raw: str) -> N
 
 
 @entries
+@override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1000)
+def test_body_too_large_to_fingerprint_is_refused(client: Client, entry: Entry) -> None:
+    response = send(client, entry.url, {"amount": 10, "memo": "x" * 2000}, key="huge")
+    assert response.status_code == 413
+    assert problem(response)["type"].endswith("#idempotency-request-too-large")
+    assert Payment.objects.count() == 0
+
+
+@entries
 def test_longest_allowed_key_works(client: Client, entry: Entry) -> None:
     assert send(client, entry.url, key="k" * 255).status_code == 201
 
