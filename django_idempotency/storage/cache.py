@@ -37,6 +37,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
+from django_idempotency.keys import hash_key
 from django_idempotency.storage.base import (
     BaseStorage,
     Claim,
@@ -158,12 +159,7 @@ class CacheStorage(BaseStorage):
         The scope is hashed with the key hash so that principals' identifiers (emails, tenant
         names) never appear in the cache, and keys stay short and memcached-safe.
         """
-        digest = hashlib.sha256()
-        for part in (scope, key_hash):
-            encoded = part.encode()
-            digest.update(len(encoded).to_bytes(4, "big"))
-            digest.update(encoded)
-        return self.cache.make_and_validate_key(f"idempotency:{digest.hexdigest()}")
+        return self.cache.make_and_validate_key(f"idempotency:{hash_key(scope, key_hash)}")
 
     def _client(self, key: str) -> Redis:
         cache: Any = self.cache
