@@ -17,6 +17,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
+from django.db.utils import load_backend
 from django.test import override_settings
 
 from django_idempotency.exceptions import StoreError
@@ -344,17 +345,20 @@ def test_rejects_an_empty_batch(store: DatabaseStorage) -> None:
 
 
 @pytest.mark.django_db
-def test_database_errors_become_store_errors(
-    store: DatabaseStorage, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    make(3, expires_at=NOW - HOUR)
-    failing = DatabaseStorage(using="default")
-    monkeypatch.setattr(
-        IdempotencyKey._meta, "db_table", "django_idempotency_missing_table", raising=True
-    )
-
-    with pytest.raises(StoreError, match=r"^purge failed after 0 records in 0 batches: "):
-        failing.purge_expired(now=NOW)
+def test_database_errors_become_store_errors() -> None:
+    # A real driver failing for real: a connection to a database that is not there.
+    params = dict(connections["default"].settings_dict)
+    if params["ENGINE"].endswith("sqlite3"):
+        params["NAME"] = "/nonexistent-dir/idempotency.sqlite3"
+    else:
+        params.update(HOST="127.0.0.1", PORT="1")
+    connections["down"] = load_backend(params["ENGINE"]).DatabaseWrapper(params, "down")
+    try:
+        with pytest.raises(StoreError, match=r"^purge failed after 0 records in 0 batches: "):
+            DatabaseStorage(using="down").purge_expired(now=NOW)
+    finally:
+        connections["down"].close()
+        del connections["down"]
 
 
 def test_the_base_store_has_nothing_to_purge() -> None:
