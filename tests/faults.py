@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 
 
 class TcpProxy:
@@ -59,3 +60,27 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+@contextlib.contextmanager
+def unreachable_database(alias: str = "unreachable") -> Iterator[str]:
+    """A database alias whose real driver fails to connect, as when the server is down.
+
+    The wrapper is made by hand rather than declared in DATABASES, so the test runner neither
+    creates a test database for it nor forbids connecting to it.
+    """
+    from django.db import connections
+    from django.db.utils import load_backend
+
+    params = dict(connections["default"].settings_dict)
+    if params["ENGINE"].endswith("sqlite3"):
+        params["NAME"] = "/nonexistent-dir/idempotency.sqlite3"
+    else:
+        params.update(HOST="127.0.0.1", PORT="1")  # nothing listens there
+    wrapper = load_backend(params["ENGINE"]).DatabaseWrapper(params, alias)
+    connections[alias] = wrapper
+    try:
+        yield alias
+    finally:
+        wrapper.close()
+        del connections[alias]

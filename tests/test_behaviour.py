@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import pytest
 from django.conf import settings
 from django.db import connections, transaction
-from django.db.utils import load_backend
 from django.test import Client, override_settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -25,7 +24,7 @@ from django_idempotency.conf import settings as idempotency_settings
 from django_idempotency.storage import get_storage
 from tests.behaviour import ENTRIES, Entry, fingerprint_for, problem, record_for, scope_of, send
 from tests.factories import UserFactory
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, unreachable_database
 from tests.testapp import views
 from tests.testapp.models import Payment
 
@@ -61,21 +60,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[timedelta]]:
 def store_down() -> Iterator[None]:
     """Point the configured store at a server that is not there."""
     if settings.STORE_BACKEND == "db":
-        alias = "unreachable"
-        params = dict(connections["default"].settings_dict)
-        if params["ENGINE"].endswith("sqlite3"):
-            params["NAME"] = "/nonexistent-dir/idempotency.sqlite3"
-        else:
-            params.update(HOST="127.0.0.1", PORT="1")
-        # A wrapper made by hand, not declared in DATABASES: a real driver with a real failure.
-        wrapper = load_backend(params["ENGINE"]).DatabaseWrapper(params, alias)
-        connections[alias] = wrapper
-        try:
-            with override_settings(IDEMPOTENCY_DATABASE=alias):
-                yield
-        finally:
-            wrapper.close()
-            del connections[alias]
+        with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
+            yield
     else:
         caches = {
             **settings.CACHES,

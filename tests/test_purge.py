@@ -17,7 +17,6 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connections
-from django.db.utils import load_backend
 from django.test import override_settings
 
 from django_idempotency.exceptions import StoreError
@@ -33,6 +32,7 @@ from django_idempotency.storage.base import (
     StoredResponse,
 )
 from django_idempotency.storage.db import DatabaseStorage
+from tests.faults import unreachable_database
 
 NOW = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
 REAL_CLOCK = command.now
@@ -346,19 +346,11 @@ def test_rejects_an_empty_batch(store: DatabaseStorage) -> None:
 
 @pytest.mark.django_db
 def test_database_errors_become_store_errors() -> None:
-    # A real driver failing for real: a connection to a database that is not there.
-    params = dict(connections["default"].settings_dict)
-    if params["ENGINE"].endswith("sqlite3"):
-        params["NAME"] = "/nonexistent-dir/idempotency.sqlite3"
-    else:
-        params.update(HOST="127.0.0.1", PORT="1")
-    connections["down"] = load_backend(params["ENGINE"]).DatabaseWrapper(params, "down")
-    try:
-        with pytest.raises(StoreError, match=r"^purge failed after 0 records in 0 batches: "):
-            DatabaseStorage(using="down").purge_expired(now=NOW)
-    finally:
-        connections["down"].close()
-        del connections["down"]
+    with (
+        unreachable_database() as alias,
+        pytest.raises(StoreError, match=r"^purge failed after 0 records in 0 batches: "),
+    ):
+        DatabaseStorage(using=alias).purge_expired(now=NOW)
 
 
 def test_the_base_store_has_nothing_to_purge() -> None:

@@ -12,6 +12,7 @@ from django_idempotency.exceptions import StoreError
 from django_idempotency.models import IdempotencyKey, IdempotencyKeyQuerySet
 from django_idempotency.storage.base import State, StoredResponse
 from django_idempotency.storage.db import DatabaseStorage
+from tests.faults import unreachable_database
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -176,17 +177,8 @@ def test_owner_completing_during_a_takeover_wins(
 
 
 def test_database_errors_become_store_errors() -> None:
-    from django.db import connections
-    from django.db.utils import load_backend
-
-    params = dict(connections["default"].settings_dict)
-    if params["ENGINE"].endswith("sqlite3"):
-        params["NAME"] = "/nonexistent-dir/idempotency.sqlite3"
-    else:
-        params.update(HOST="127.0.0.1", PORT="1")
-    connections["down"] = load_backend(params["ENGINE"]).DatabaseWrapper(params, "down")
-    try:
-        store = DatabaseStorage(using="down")
+    with unreachable_database() as alias:
+        store = DatabaseStorage(using=alias)
         now = timezone.now()
         with pytest.raises(StoreError):
             store.claim("s", "h", "fp", now=now, lease=LEASE, ttl=TTL)
@@ -196,6 +188,3 @@ def test_database_errors_become_store_errors() -> None:
             store.release("s", "h", "t")
         with pytest.raises(StoreError):
             store.get("s", "h")
-    finally:
-        connections["down"].close()
-        del connections["down"]
