@@ -1,16 +1,20 @@
-"""Every ``IDEMPOTENCY_*`` setting, read live from ``django.conf.settings``.
+"""Every ``IDEMPOTENCY_*`` setting, read from ``django.conf.settings``.
 
-Each property returns the documented default when the setting is absent. Nothing is cached,
-so ``override_settings`` in tests and settings changed at runtime take effect at once.
-The settings reference in ``docs/settings.md`` lists the same names and defaults.
+Each property returns the documented default when the setting is absent. A value is looked up
+once and kept until Django announces a change (``setting_changed``, which ``override_settings``
+and ``modify_settings`` send), so the hot path pays a dictionary lookup rather than a settings
+miss per option per request, and tests still see every override at once. The settings reference
+in ``docs/settings.md`` lists the same names and defaults.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 DEFAULT_REPLAY_HEADERS: tuple[str, ...] = (
     "Content-Type",
@@ -32,97 +36,107 @@ class Settings:
     def _get(self, name: str, default: Any) -> Any:
         return getattr(django_settings, name, default)
 
-    @property
+    def reload(self) -> None:
+        """Forget every value read so far; the next access reads the setting again."""
+        self.__dict__.clear()
+
+    @cached_property
     def IDEMPOTENCY_STORE(self) -> str:
         """``"db"``, ``"cache"`` or a dotted path to a ``BaseStorage`` subclass."""
         return str(self._get("IDEMPOTENCY_STORE", "db"))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_DATABASE(self) -> str:
         """Database alias of the ORM store."""
         return str(self._get("IDEMPOTENCY_DATABASE", "default"))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_CACHE_ALIAS(self) -> str:
         return str(self._get("IDEMPOTENCY_CACHE_ALIAS", "default"))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_HEADER(self) -> str:
         return str(self._get("IDEMPOTENCY_HEADER", "Idempotency-Key"))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_METHODS(self) -> frozenset[str]:
         methods: Sequence[str] = self._get("IDEMPOTENCY_METHODS", ("POST", "PATCH"))
         return frozenset(m.upper() for m in methods)
 
-    @property
+    @cached_property
     def IDEMPOTENCY_REQUIRED(self) -> bool:
         return bool(self._get("IDEMPOTENCY_REQUIRED", False))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_TTL(self) -> int:
         """Seconds a completed record is replayed, counted from its creation."""
         return int(self._get("IDEMPOTENCY_TTL", 24 * 60 * 60))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_LEASE(self) -> int:
         """Seconds an in-flight claim is honoured before another request may reclaim it."""
         return int(self._get("IDEMPOTENCY_LEASE", 60))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_RETRY_AFTER(self) -> int:
         """Seconds suggested in ``Retry-After`` on 409 in-progress and 503 answers."""
         return int(self._get("IDEMPOTENCY_RETRY_AFTER", 1))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_WAIT(self) -> float:
         """Seconds a duplicate waits for the original to finish before answering 409."""
         return float(self._get("IDEMPOTENCY_WAIT", 0))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_KEY_MIN_LENGTH(self) -> int:
         return int(self._get("IDEMPOTENCY_KEY_MIN_LENGTH", 1))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_KEY_MAX_LENGTH(self) -> int:
         return int(self._get("IDEMPOTENCY_KEY_MAX_LENGTH", 255))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_STRICT_KEY_FORMAT(self) -> bool:
         """Accept only the structured-field string form (``"key"``) of the header."""
         return bool(self._get("IDEMPOTENCY_STRICT_KEY_FORMAT", False))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_REPLAY_HEADERS(self) -> tuple[str, ...]:
         return tuple(self._get("IDEMPOTENCY_REPLAY_HEADERS", DEFAULT_REPLAY_HEADERS))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_MAX_RESPONSE_SIZE(self) -> int:
         """Largest response body, in bytes, that is stored for replay."""
         return int(self._get("IDEMPOTENCY_MAX_RESPONSE_SIZE", 1024 * 1024))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_STORE_SERVER_ERRORS(self) -> bool:
         return bool(self._get("IDEMPOTENCY_STORE_SERVER_ERRORS", False))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_SKIP_ANONYMOUS(self) -> bool:
         return bool(self._get("IDEMPOTENCY_SKIP_ANONYMOUS", False))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_FAIL_OPEN(self) -> bool:
         return bool(self._get("IDEMPOTENCY_FAIL_OPEN", False))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_ATOMIC(self) -> bool:
-        """Run the view and the completion in one transaction (ORM store only)."""
+        """Run the view in a transaction on ``IDEMPOTENCY_DATABASE``; the result commits with it
+        (ORM store) or is stored right after its commit (other stores)."""
         return bool(self._get("IDEMPOTENCY_ATOMIC", True))
 
-    @property
+    @cached_property
+    def IDEMPOTENCY_ASYNC_CLAIM_COMMIT(self) -> bool:
+        """PostgreSQL: the claim's own commit does not wait for the WAL flush."""
+        return bool(self._get("IDEMPOTENCY_ASYNC_CLAIM_COMMIT", True))
+
+    @cached_property
     def IDEMPOTENCY_SCOPE_RESOLVER(self) -> str:
         return str(self._get("IDEMPOTENCY_SCOPE_RESOLVER", "django_idempotency.keys.user_scope"))
 
-    @property
+    @cached_property
     def IDEMPOTENCY_FINGERPRINT(self) -> str:
         return str(
             self._get(
@@ -130,7 +144,7 @@ class Settings:
             )
         )
 
-    @property
+    @cached_property
     def IDEMPOTENCY_PROBLEM_BASE_URI(self) -> str:
         return str(
             self._get(
@@ -141,3 +155,11 @@ class Settings:
 
 
 settings = Settings()
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    # Any setting may feed a default (USE_TZ, CACHES, DATABASES...), and changes are rare.
+    settings.reload()
+
+
+setting_changed.connect(_reload, dispatch_uid="django_idempotency.conf.reload")

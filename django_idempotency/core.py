@@ -1,31 +1,38 @@
-"""The idempotency engine, shared by the DRF mixin and the decorator.
+"""The idempotency engine, shared by every entry point.
 
-A protected request goes through three steps, and both integrations call exactly these, so their
-behaviour cannot drift apart:
+A protected request goes through three steps, and every integration calls exactly these, so
+their behaviour cannot drift apart:
 
-1. :meth:`Idempotency.begin` validates the key, resolves the scope and fingerprint, and claims the
+1. :meth:`Idempotency.begin` reads the key, resolves the scope and fingerprint, and claims the
    key with one atomic store operation. It answers at once (replay, 4xx, 409, 503) or returns a
    :class:`Flight` that owns the key.
-2. :meth:`Flight.enter` opens the store's transaction (ORM store: the view's own writes and the
-   completion commit together), then the view runs.
-3. :meth:`Flight.finish` stores a final response, or rolls back and releases the key for anything a
-   retry should run again; :meth:`Flight.fail` does the latter when the view raised.
+2. :meth:`Flight.enter` opens the view's transaction and starts renewing the lease; the view
+   runs.
+3. :meth:`Flight.finish` stores a final response, or rolls back and releases the key for
+   anything a retry should run again; :meth:`Flight.fail` does the latter when the view raised.
+
+The engine is built once per view (class or decorated function) and holds no per-request state;
+settings stay live through ``django_idempotency.conf``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse
+from django.db import transaction
+from django.dispatch import Signal
+from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -42,10 +49,14 @@ from django_idempotency.exceptions import (
     StoreError,
     StoreUnavailable,
 )
+from django_idempotency.heartbeat import heartbeat
 from django_idempotency.keys import hash_key, parse_key
 from django_idempotency.responses import add_headers, capture, ensure_rendered, problem, replay
 from django_idempotency.storage import get_storage
-from django_idempotency.storage.base import BaseStorage, Record, State
+from django_idempotency.storage.base import BaseStorage, Claim, Record, State, StoredResponse
+
+if TYPE_CHECKING:
+    from typing_extensions import NotRequired
 
 logger = logging.getLogger("django_idempotency")
 
@@ -55,268 +66,464 @@ TRANSIENT_CLIENT_ERRORS = frozenset({401, 403, 408, 409, 425, 429})
 # How often a waiting duplicate looks at the record again.
 WAIT_POLL_SECONDS = 0.05
 
+# Set on the Django request once an entry point has taken charge of it, so that a request is
+# never claimed twice (a decorated action inside a viewset that uses the mixin, a view that the
+# middleware also covers).
+HANDLED_ATTR = "_idempotency_handled"
+
 # Hooks receive a Django HttpRequest, or a DRF Request (which proxies one) from the integrations.
+KeyReader = Callable[[Any], "str | None"]
 ScopeResolver = Callable[[Any], "str | None"]
 Fingerprinter = Callable[[Any], str]
 ReplayHook = Callable[[Any, HttpResponse], "Mapping[str, str] | None"]
 
 
+def now() -> datetime:
+    """The engine's clock, and the one way to move it: tests replace this function."""
+    return timezone.now()
+
+
+@functools.cache
+def _imported(path: str) -> Any:
+    # Settings name hooks by dotted path; a path is imported once, and a changed setting is a
+    # new path, so the cache never serves a stale hook.
+    return import_string(path)
+
+
+class PolicyOptions(TypedDict):
+    """The keyword options of ``@idempotent``: exactly the fields of :class:`Policy`."""
+
+    required: NotRequired[bool | None]
+    methods: NotRequired[Iterable[str] | None]
+    ttl: NotRequired[int | None]
+    lease: NotRequired[int | None]
+    store_server_errors: NotRequired[bool | None]
+    atomic: NotRequired[bool | None]
+    wait: NotRequired[float | None]
+    key: NotRequired[KeyReader | None]
+    scope: NotRequired[ScopeResolver | None]
+    fingerprint: NotRequired[Fingerprinter | None]
+    replay_headers: NotRequired[ReplayHook | None]
+
+
 @dataclass(frozen=True)
 class Policy:
-    """How one view is protected. ``None`` fields fall back to the live settings."""
+    """How one view is protected: the one list of options, and where each resolves.
 
+    A field left ``None`` follows its setting, read when the request runs, so
+    ``override_settings`` and changed settings apply to views built long before.
+    """
+
+    #: Answer 400 when the key is missing (``IDEMPOTENCY_REQUIRED``).
     required: bool | None = None
-    methods: frozenset[str] | None = None
+    #: Protected methods (``IDEMPOTENCY_METHODS``), e.g. ``("POST", "PATCH", "PUT")``.
+    methods: Iterable[str] | None = None
+    #: Seconds a result is replayed (``IDEMPOTENCY_TTL``).
     ttl: int | None = None
+    #: Seconds a claim survives its worker (``IDEMPOTENCY_LEASE``).
     lease: int | None = None
+    #: Store 5xx answers like Stripe (``IDEMPOTENCY_STORE_SERVER_ERRORS``).
     store_server_errors: bool | None = None
+    #: Run the view in a transaction that the result commits with (``IDEMPOTENCY_ATOMIC``).
     atomic: bool | None = None
+    #: Seconds a duplicate waits for the original (``IDEMPOTENCY_WAIT``).
     wait: float | None = None
+    #: Derive the key on the server (a webhook's event id) instead of reading the header.
+    key: KeyReader | None = None
+    #: Whose key it is (``IDEMPOTENCY_SCOPE_RESOLVER``); ``None`` from it skips protection.
     scope: ScopeResolver | None = None
+    #: What makes a retry the same request (``IDEMPOTENCY_FINGERPRINT``).
     fingerprint: Fingerprinter | None = None
+    #: Extra headers for a replay; never its status or body.
     replay_headers: ReplayHook | None = None
 
+    _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        methods = None if self.methods is None else frozenset(m.upper() for m in self.methods)
+        object.__setattr__(self, "_methods", methods)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.init)
+
     def protects(self, method: str | None) -> bool:
-        methods = self.methods if self.methods is not None else settings.IDEMPOTENCY_METHODS
-        return (method or "").upper() in methods
+        methods = self._methods if self._methods is not None else settings.IDEMPOTENCY_METHODS
+        return method in methods
+
+    @property
+    def is_required(self) -> bool:
+        return settings.IDEMPOTENCY_REQUIRED if self.required is None else self.required
+
+    @property
+    def ttl_delta(self) -> timedelta:
+        return timedelta(seconds=settings.IDEMPOTENCY_TTL if self.ttl is None else self.ttl)
+
+    @property
+    def lease_delta(self) -> timedelta:
+        return timedelta(seconds=settings.IDEMPOTENCY_LEASE if self.lease is None else self.lease)
+
+    @property
+    def wait_seconds(self) -> float:
+        return float(settings.IDEMPOTENCY_WAIT if self.wait is None else self.wait)
+
+    @property
+    def is_atomic(self) -> bool:
+        return settings.IDEMPOTENCY_ATOMIC if self.atomic is None else self.atomic
 
     def is_final(self, status: int) -> bool:
         if status >= 500:
             store = self.store_server_errors
-            return store if store is not None else settings.IDEMPOTENCY_STORE_SERVER_ERRORS
+            return settings.IDEMPOTENCY_STORE_SERVER_ERRORS if store is None else store
         return status not in TRANSIENT_CLIENT_ERRORS
 
-    def resolve_scope(self, request: HttpRequest) -> str | None:
-        resolver = self.scope or import_string(settings.IDEMPOTENCY_SCOPE_RESOLVER)
-        return resolver(request)
-
-    def resolve_fingerprint(self, request: HttpRequest) -> str:
-        fingerprinter = self.fingerprint or import_string(settings.IDEMPOTENCY_FINGERPRINT)
-        return fingerprinter(request)
-
-
-def _pick(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
-def now() -> datetime:
-    """The engine's default clock; tests move time by replacing it or passing ``clock``."""
-    return timezone.now()
-
-
-class Idempotency:
-    def __init__(
-        self,
-        policy: Policy,
-        storage: BaseStorage | None = None,
-        clock: Callable[[], datetime] | None = None,
-    ) -> None:
-        self.policy = policy
-        self.storage = storage or get_storage()
-        self._clock = clock
-
-    def clock(self) -> datetime:
-        return self._clock() if self._clock is not None else now()
-
-    def begin(self, request: HttpRequest) -> HttpResponse | Flight | None:
-        """Decide what happens to ``request`` before its view runs.
-
-        ``None``: not protected (safe method, no key on an optional view, skipped scope, or the
-        store is down in fail-open mode): run the view as usual. An ``HttpResponse``: answer with
-        it and do not run the view. A :class:`Flight`: this request owns the key.
-        """
-        policy = self.policy
-        if not policy.protects(request.method):
-            return None
-        try:
-            raw = request.headers.get(settings.IDEMPOTENCY_HEADER)
+    def read_key(self, request: Any) -> str | None:
+        """The request's key, validated; ``None`` when it has none."""
+        if self.key is not None:
+            raw = self.key(request)
             if raw is None:
-                if _pick(policy.required, settings.IDEMPOTENCY_REQUIRED):
-                    raise KeyMissing
                 return None
-            key = parse_key(
+            return parse_key(
                 raw,
-                strict=settings.IDEMPOTENCY_STRICT_KEY_FORMAT,
+                strict=False,
                 min_length=settings.IDEMPOTENCY_KEY_MIN_LENGTH,
                 max_length=settings.IDEMPOTENCY_KEY_MAX_LENGTH,
             )
+        raw = request.headers.get(settings.IDEMPOTENCY_HEADER)
+        if raw is None:
+            if self.is_required:
+                raise KeyMissing
+            return None
+        return parse_key(
+            raw,
+            strict=settings.IDEMPOTENCY_STRICT_KEY_FORMAT,
+            min_length=settings.IDEMPOTENCY_KEY_MIN_LENGTH,
+            max_length=settings.IDEMPOTENCY_KEY_MAX_LENGTH,
+        )
+
+    def resolve_scope(self, request: Any) -> str | None:
+        resolver = self.scope or _imported(settings.IDEMPOTENCY_SCOPE_RESOLVER)
+        return resolver(request)
+
+    def resolve_fingerprint(self, request: Any) -> str:
+        fingerprinter = self.fingerprint or _imported(settings.IDEMPOTENCY_FINGERPRINT)
+        try:
+            return fingerprinter(request)
+        except RequestDataTooBig as exc:
+            raise RequestTooLarge from exc
+
+
+def _send(signal: Signal, sender: type[BaseStorage], **kwargs: Any) -> None:
+    # Building the keyword arguments and walking an empty receiver list is measurable on the
+    # hot path; most projects connect nothing.
+    if signal.receivers:
+        signal.send(sender=sender, **kwargs)
+
+
+def _retry_after() -> int:
+    return settings.IDEMPOTENCY_RETRY_AFTER
+
+
+class Idempotency:
+    """The engine for one policy; build it once per view."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def begin(self, request: Any) -> HttpResponse | Flight | None:
+        """Decide what happens to ``request`` before its view runs.
+
+        ``None``: not protected (safe method, no key on an optional view, skipped scope, a
+        request another entry point already handles, or the store is down in fail-open mode):
+        run the view as usual. An ``HttpResponse``: answer with it and do not run the view. A
+        :class:`Flight`: this request owns the key.
+        """
+        policy = self.policy
+        if not policy.protects(request.method) or not take_charge(request):
+            return None
+        try:
+            key = policy.read_key(request)
+            if key is None:
+                return None
             scope = policy.resolve_scope(request)
             if scope is None:
                 return None
-            try:
-                fingerprint = policy.resolve_fingerprint(request)
-            except RequestDataTooBig as exc:
-                raise RequestTooLarge from exc
+            fingerprint = policy.resolve_fingerprint(request)
             return self._claim(request, scope, hash_key(scope, key), fingerprint)
         except IdempotencyError as error:
             return problem(error)
 
     def _claim(
-        self, request: HttpRequest, scope: str, key_hash: str, fingerprint: str
+        self, request: Any, scope: str, key_hash: str, fingerprint: str
     ) -> HttpResponse | Flight | None:
-        policy = self.policy
-        lease = timedelta(seconds=_pick(policy.lease, settings.IDEMPOTENCY_LEASE))
-        ttl = timedelta(seconds=_pick(policy.ttl, settings.IDEMPOTENCY_TTL))
-        wait = float(_pick(policy.wait, settings.IDEMPOTENCY_WAIT))
-        deadline = time.monotonic() + wait
-        sender = type(self.storage)
+        storage = get_storage()
         info = {"request": request, "scope": scope, "key_hash": key_hash}
+        deadline = time.monotonic() + self.policy.wait_seconds
         while True:
             try:
-                claim = self.storage.claim(
-                    scope, key_hash, fingerprint, now=self.clock(), lease=lease, ttl=ttl
+                claim = storage.claim(
+                    scope,
+                    key_hash,
+                    fingerprint,
+                    now=now(),
+                    lease=self.policy.lease_delta,
+                    ttl=self.policy.ttl_delta,
                 )
             except StoreError as exc:
-                signals.store_error.send(sender=sender, error=exc, stage="claim", **info)
-                if settings.IDEMPOTENCY_FAIL_OPEN:
-                    logger.error(
-                        "Idempotency store unavailable (%s); IDEMPOTENCY_FAIL_OPEN runs the view "
-                        "WITHOUT protection for key %s",
-                        exc,
-                        key_hash[:12],
-                    )
-                    return None
-                logger.error("Idempotency store unavailable at claim: %s", exc)
-                raise StoreUnavailable(retry_after=settings.IDEMPOTENCY_RETRY_AFTER) from exc
+                return self.store_unavailable(storage, exc, info)
             if claim.token is not None:
-                if claim.reclaimed:
-                    logger.warning("Reclaimed key %s after its lease ended", key_hash[:12])
-                    signals.lease_reclaimed.send(sender=sender, **info)
-                signals.key_claimed.send(sender=sender, **info)
-                return Flight(self, request, scope, key_hash, claim.token)
+                return self.claim_won(storage, claim, info)
             record = claim.record
             assert record is not None  # noqa: S101 - a lost claim always carries the record
             if record.fingerprint != fingerprint:
-                signals.fingerprint_mismatch.send(sender=sender, **info)
-                raise KeyReused
-            if record.state is State.IN_FLIGHT:
-                if time.monotonic() < deadline:
-                    time.sleep(WAIT_POLL_SECONDS)
-                    continue
-                signals.request_conflict.send(sender=sender, **info)
-                raise RequestInProgress(retry_after=self._retry_after(record))
-            return self._replay(request, record, info)
+                return self.key_reused(storage, info)
+            if record.state is not State.IN_FLIGHT:
+                return self.replayed(storage, record, info)
+            if time.monotonic() >= deadline:
+                return self.in_progress(storage, record, info)
+            time.sleep(WAIT_POLL_SECONDS)
 
-    def _retry_after(self, record: Record) -> int:
-        remaining = (record.lease_expires_at - self.clock()).total_seconds()
-        return max(1, min(settings.IDEMPOTENCY_RETRY_AFTER, math.ceil(remaining)))
+    # The outcomes of a claim, one method each.
 
-    def _replay(self, request: HttpRequest, record: Record, info: dict[str, Any]) -> HttpResponse:
+    def claim_won(self, storage: BaseStorage, claim: Claim, info: dict[str, Any]) -> Flight:
+        assert claim.token is not None  # noqa: S101
+        if claim.reclaimed:
+            logger.warning("Reclaimed key %s after its lease ended", info["key_hash"][:12])
+            _send(signals.lease_reclaimed, type(storage), **info)
+        _send(signals.key_claimed, type(storage), **info)
+        return Flight(self.policy, storage, claim.token, **info)
+
+    def key_reused(self, storage: BaseStorage, info: dict[str, Any]) -> HttpResponse:
+        _send(signals.fingerprint_mismatch, type(storage), **info)
+        return problem(KeyReused())
+
+    def in_progress(
+        self, storage: BaseStorage, record: Record, info: dict[str, Any]
+    ) -> HttpResponse:
+        _send(signals.request_conflict, type(storage), **info)
+        remaining = (record.lease_expires_at - now()).total_seconds()
+        retry_after = max(1, min(_retry_after(), math.ceil(remaining)))
+        return problem(RequestInProgress(retry_after=retry_after))
+
+    def replayed(self, storage: BaseStorage, record: Record, info: dict[str, Any]) -> HttpResponse:
         if record.response is None:
-            raise ResultUnavailable
-        signals.response_replayed.send(sender=type(self.storage), **info)
+            return problem(ResultUnavailable())
+        _send(signals.response_replayed, type(storage), **info)
         response = replay(record.response)
         hook = self.policy.replay_headers
         if hook is not None:
-            add_headers(response, hook(request, response) or {})
+            add_headers(response, hook(info["request"], response) or {})
         return response
+
+    def store_unavailable(
+        self, storage: BaseStorage, exc: StoreError, info: dict[str, Any]
+    ) -> HttpResponse | None:
+        _send(signals.store_error, type(storage), error=exc, stage="claim", **info)
+        if settings.IDEMPOTENCY_FAIL_OPEN:
+            logger.error(
+                "Idempotency store unavailable (%s); IDEMPOTENCY_FAIL_OPEN runs the view "
+                "WITHOUT protection for key %s",
+                exc,
+                info["key_hash"][:12],
+            )
+            return None
+        logger.error("Idempotency store unavailable at claim: %s", exc)
+        return problem(StoreUnavailable(retry_after=_retry_after()))
+
+
+def take_charge(request: Any) -> bool:
+    """Mark ``request`` as handled by an entry point; False when another one already is."""
+    django_request = getattr(request, "_request", request)
+    if getattr(django_request, HANDLED_ATTR, False):
+        return False
+    setattr(django_request, HANDLED_ATTR, True)
+    return True
 
 
 class _Rollback(Exception):
-    """Raised into the store's transaction to roll the view's writes back."""
+    """Raised into the view's transaction to roll its writes back."""
 
 
 class Flight:
-    """A request that owns its key, from just before its view runs to the stored result."""
+    """A request that owns its key, from just before its view runs to the settled key."""
 
     def __init__(
-        self, engine: Idempotency, request: HttpRequest, scope: str, key_hash: str, token: str
+        self,
+        policy: Policy,
+        storage: BaseStorage,
+        token: str,
+        *,
+        request: Any,
+        scope: str,
+        key_hash: str,
     ) -> None:
-        self.engine = engine
+        self.policy = policy
+        self.storage = storage
+        self.token = token
         self.request = request
         self.scope = scope
         self.key_hash = key_hash
-        self.token = token
-        self._stack = contextlib.ExitStack()
-        self._in_transaction = False
+        self._transaction: contextlib.AbstractContextManager[Any] | None = None
+        self._did_commit = False
+        self._settled = False
+        self._lease = policy.lease_delta
+        self._claimed_at = now()
+        self.renew_every = self._lease.total_seconds() / 3
+        heartbeat.track(self)
 
     @property
     def _info(self) -> dict[str, Any]:
         return {"request": self.request, "scope": self.scope, "key_hash": self.key_hash}
 
     def enter(self, *, atomic: bool = True) -> None:
-        """Open the store's transaction around the view, when the store and policy allow it."""
-        storage = self.engine.storage
-        policy_atomic = _pick(self.engine.policy.atomic, settings.IDEMPOTENCY_ATOMIC)
-        if atomic and policy_atomic and storage.transactional:
-            self._stack.enter_context(storage.atomic())
-            self._in_transaction = True
+        """Open the view's transaction, when the policy and the view allow one.
 
-    def _close(self, *, commit: bool) -> None:
-        self._in_transaction = False
-        if commit:
-            self._stack.close()
+        With the ORM store it is the store's own, so the result commits with the view's writes.
+        With other stores it is a transaction on ``IDEMPOTENCY_DATABASE``, committed just before
+        the result is stored: a worker killed mid-view then leaves no business row behind.
+        """
+        if not (atomic and self.policy.is_atomic):
+            return
+        block: contextlib.AbstractContextManager[Any]
+        if self.storage.transactional:
+            block = self.storage.atomic()
         else:
-            self._rollback(_Rollback, _Rollback(), None)
+            block = transaction.atomic(using=settings.IDEMPOTENCY_DATABASE)
+        block.__enter__()
+        self._transaction = block
+        # Registered before the view runs, so it is the first callback the commit runs.
+        database = getattr(self.storage, "using", settings.IDEMPOTENCY_DATABASE)
+        transaction.on_commit(self._mark_committed, using=database)
 
-    def _rollback(
-        self,
-        exc_type: type[BaseException],
-        exc: BaseException,
-        tb: TracebackType | None,
-    ) -> None:
+    def renew(self) -> bool:
+        """Called by the heartbeat thread: move the lease forward while the view runs."""
+        if self._settled:
+            return False
         try:
-            self._stack.__exit__(exc_type, exc, tb)
-        except Exception as error:
-            # The rollback itself failed: the connection is gone, and the database discards the
-            # transaction with it. Nothing was committed, which is what a rollback is for.
-            logger.error("Rollback failed for key %s: %r", self.key_hash[:12], error)
+            owned = self._renew_now()
+        except StoreError as exc:
+            logger.error("Could not renew the lease of key %s: %s", self.key_hash[:12], exc)
+            _send(signals.store_error, type(self.storage), error=exc, stage="renew", **self._info)
+            return True  # try again at the next beat; the lease has two more thirds
+        if not owned:
+            logger.warning("Lease of key %s was lost while its view ran", self.key_hash[:12])
+        return owned
+
+    def _renew_now(self) -> bool:
+        return self.storage.renew(
+            self.scope, self.key_hash, self.token, now=now(), lease=self._lease
+        )
 
     def finish(self, response: HttpResponseBase) -> HttpResponseBase:
-        """Store ``response`` if it is final, else roll back and release. Returns what to send."""
-        policy = self.engine.policy
-        storage = self.engine.storage
-        if not policy.is_final(response.status_code):
-            self._close(commit=False)
-            self._release()
+        """Settle the key for ``response`` and return what to send."""
+        if self._settled:
             return response
-        ensure_rendered(response)
-        stored = capture(response, max_size=settings.IDEMPOTENCY_MAX_RESPONSE_SIZE)
-        sender = type(storage)
+        if not self.policy.is_final(response.status_code):
+            return self.not_final(response)
         try:
-            owned = storage.complete(
-                self.scope, self.key_hash, self.token, stored, now=self.engine.clock()
-            )
+            ensure_rendered(response)
+            stored = capture(response, max_size=settings.IDEMPOTENCY_MAX_RESPONSE_SIZE)
+        except BaseException:
+            # A response that cannot be rendered is the view failing: Django answers 500.
+            self.fail(*sys.exc_info())
+            raise
+        if self.storage.transactional:
+            return self._store_then_commit(response, stored)
+        return self._commit_then_store(response, stored)
+
+    def _store_then_commit(
+        self, response: HttpResponseBase, stored: StoredResponse | None
+    ) -> HttpResponseBase:
+        try:
+            owned = self._complete(stored)
         except StoreError as exc:
-            signals.store_error.send(sender=sender, error=exc, stage="complete", **self._info)
-            logger.error("Could not store the result for key %s: %s", self.key_hash[:12], exc)
-            if self._in_transaction:
-                # The view's writes share the failed transaction: keep them out with the result,
-                # and free the key if the store answers again, so the retry need not wait.
-                self._close(commit=False)
-                self._release()
-                return problem(StoreUnavailable(retry_after=settings.IDEMPOTENCY_RETRY_AFTER))
-            return response
+            if self._transaction is not None:
+                # The view's writes share the failed transaction: keep them out with the
+                # result, and free the key if the store answers again.
+                return self.commit_failed(exc, stage="complete")
+            return self.store_failed(response, exc)
         if not owned:
-            logger.warning(
-                "Lease of key %s was taken over before its result was stored", self.key_hash[:12]
-            )
-            if self._in_transaction:
-                self._close(commit=False)
-                return problem(RequestInProgress(retry_after=settings.IDEMPOTENCY_RETRY_AFTER))
-            return response
+            return self.lease_lost(response)
         try:
-            self._close(commit=True)
+            self._commit()
         except Exception as exc:
-            if self._stored():
-                # The commit went through; a transaction.on_commit() callback raised after it.
-                # The result is stored and will replay, so the client gets it now as well.
-                logger.exception(
-                    "An on_commit callback failed after key %s was stored", self.key_hash[:12]
-                )
-                return response
-            logger.error("Commit failed for key %s: %s", self.key_hash[:12], exc)
-            signals.store_error.send(sender=sender, error=exc, stage="complete", **self._info)
-            self._release()
-            return problem(StoreUnavailable(retry_after=settings.IDEMPOTENCY_RETRY_AFTER))
+            return self.commit_failed(exc, stage="complete")
+        return self.stored(response)
+
+    def _commit_then_store(
+        self, response: HttpResponseBase, stored: StoredResponse | None
+    ) -> HttpResponseBase:
+        if self._transaction is not None and now() - self._claimed_at >= self._lease / 3:
+            # The view ran long enough for its lease to have needed the heartbeat: make sure the
+            # claim is still ours before its writes become permanent. A fast view cannot have
+            # lost a lease it holds for three times longer, and pays nothing for this.
+            try:
+                owned = self._renew_now()
+            except StoreError as exc:
+                return self.commit_failed(exc, stage="renew")
+            if not owned:
+                return self.lease_lost(response)
+        try:
+            self._commit()
+        except Exception as exc:
+            return self.commit_failed(exc, stage="commit")
+        try:
+            owned = self._complete(stored)
+        except StoreError as exc:
+            return self.store_failed(response, exc)
+        if not owned:
+            return self.lease_lost(response)
+        return self.stored(response)
+
+    def _complete(self, stored: StoredResponse | None) -> bool:
+        heartbeat.untrack(self)
+        return self.storage.complete(
+            self.scope,
+            self.key_hash,
+            self.token,
+            stored,
+            now=now(),
+            min_retention=self._lease,
+        )
+
+    # The outcomes of a flight, one method each; every one of them settles the key.
+
+    def stored(self, response: HttpResponseBase) -> HttpResponseBase:
+        self._settle()
         return response
 
-    def _stored(self) -> bool:
-        try:
-            record = self.engine.storage.get(self.scope, self.key_hash)
-        except StoreError:
-            return False
-        return record is not None and record.state is not State.IN_FLIGHT
+    def not_final(self, response: HttpResponseBase) -> HttpResponseBase:
+        """A 5xx or a transient 4xx: roll back and release, so a retry runs once."""
+        self._rollback_view()
+        self.release()
+        return response
+
+    def store_failed(self, response: HttpResponseBase, exc: Exception) -> HttpResponseBase:
+        """The view's writes committed but the result could not be stored: send the real
+        response and leave the lease to expire (the contract's "store fails after the view")."""
+        self._settle()
+        _send(signals.store_error, type(self.storage), error=exc, stage="complete", **self._info)
+        logger.error("Could not store the result for key %s: %s", self.key_hash[:12], exc)
+        return response
+
+    def lease_lost(self, response: HttpResponseBase) -> HttpResponseBase:
+        logger.warning(
+            "Lease of key %s was taken over before its result was stored", self.key_hash[:12]
+        )
+        if self._transaction is not None:
+            self._rollback_view()
+            self._settle()
+            return problem(RequestInProgress(retry_after=_retry_after()))
+        self._settle()
+        return response
+
+    def commit_failed(self, exc: Exception, *, stage: str) -> HttpResponse:
+        """Nothing of the view committed: free the key and tell the client to retry."""
+        logger.error("Could not commit the result of key %s: %s", self.key_hash[:12], exc)
+        _send(signals.store_error, type(self.storage), error=exc, stage=stage, **self._info)
+        self._rollback_view()
+        self.release()
+        return problem(StoreUnavailable(retry_after=_retry_after()))
 
     def fail(
         self,
@@ -328,9 +535,12 @@ class Flight:
 
         ``SystemExit``, ``KeyboardInterrupt`` and ``asyncio.CancelledError`` are not the view's
         verdict but its worker being stopped (a timeout, a deploy, a client gone): whatever the
-        view did outside the database may have happened, so the key is kept until its lease ends.
+        view did outside the database may have happened, so the key is kept until its lease
+        ends. Calling it on a settled flight does nothing, so every entry point may call it from
+        its last line of defence.
         """
-        self._in_transaction = False
+        if self._settled:
+            return
         self._rollback(exc_type or _Rollback, exc or _Rollback(), tb)
         if exc is not None and not isinstance(exc, Exception):
             logger.warning(
@@ -339,16 +549,74 @@ class Flight:
                 self.key_hash[:12],
                 type(exc).__name__,
             )
+            self._settle()
             return
-        self._release()
+        self.release()
 
-    def _release(self) -> None:
-        storage = self.engine.storage
+    def release(self) -> None:
+        self._settle()
         try:
-            storage.release(self.scope, self.key_hash, self.token)
+            self.storage.release(self.scope, self.key_hash, self.token)
         except StoreError as exc:
             # The lease still ends on its own; a retry then reclaims the key.
             logger.error("Could not release key %s: %s", self.key_hash[:12], exc)
-            signals.store_error.send(sender=type(storage), error=exc, stage="release", **self._info)
+            _send(signals.store_error, type(self.storage), error=exc, stage="release", **self._info)
             return
-        signals.claim_released.send(sender=type(storage), **self._info)
+        _send(signals.claim_released, type(self.storage), **self._info)
+
+    # Plumbing.
+
+    def _settle(self) -> None:
+        self._settled = True
+        heartbeat.untrack(self)
+
+    def _commit(self) -> None:
+        """Commit the view's transaction; raises only when the commit itself failed.
+
+        Django runs ``on_commit`` callbacks right after the commit, and one that raises
+        surfaces from the same call. The marker :meth:`enter` registered first tells the two
+        apart: once it ran, the view's writes are in, and so is a result stored with them.
+        """
+        block, self._transaction = self._transaction, None
+        if block is None:
+            return
+        try:
+            block.__exit__(None, None, None)
+        except Exception:
+            if not self._did_commit:
+                raise
+            logger.exception(
+                "An on_commit callback failed after key %s committed", self.key_hash[:12]
+            )
+
+    def _mark_committed(self) -> None:
+        self._did_commit = True
+
+    def _rollback_view(self) -> None:
+        block, self._transaction = self._transaction, None
+        if block is not None:
+            _exit_quietly(block, _Rollback, _Rollback(), None, self.key_hash)
+
+    def _rollback(
+        self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        block, self._transaction = self._transaction, None
+        if block is not None:
+            _exit_quietly(block, exc_type, exc, tb, self.key_hash)
+
+
+def _exit_quietly(
+    block: contextlib.AbstractContextManager[Any],
+    exc_type: type[BaseException],
+    exc: BaseException,
+    tb: TracebackType | None,
+    key_hash: str,
+) -> None:
+    try:
+        block.__exit__(exc_type, exc, tb)
+    except BaseException as error:
+        if error is exc:
+            return  # the block re-raised what it was given: rolled back
+        # The rollback itself failed: the connection is gone, and the database discards the
+        # transaction with it. Nothing was committed, which is what a rollback is for.
+        logger.error("Rollback failed for key %s: %r", key_hash[:12], error)

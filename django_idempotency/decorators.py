@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterable
-from datetime import datetime
-from typing import Any, TypeVar, overload
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import BadRequest, PermissionDenied
@@ -15,20 +14,12 @@ from django.core.handlers.exception import response_for_exception
 from django.http import Http404, HttpRequest
 from django.http.response import HttpResponseBase
 
-from django_idempotency.core import (
-    Fingerprinter,
-    Flight,
-    Idempotency,
-    Policy,
-    ReplayHook,
-    ScopeResolver,
-)
+from django_idempotency.core import Flight, Idempotency, Policy, PolicyOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# Set on the Django request once an integration has taken charge of it, so that an action
-# decorated with @idempotent inside a viewset that also uses the mixin is not claimed twice.
-HANDLED_ATTR = "_idempotency_handled"
 
 # Set on every wrapper to the view's Policy, so that tools that only see the view function (the
 # OpenAPI extension in django_idempotency.openapi) can tell that it is protected, and how.
@@ -49,61 +40,23 @@ def idempotent(view: F, /) -> F: ...
 
 
 @overload
-def idempotent(
-    *,
-    required: bool | None = None,
-    methods: Iterable[str] | None = None,
-    ttl: int | None = None,
-    lease: int | None = None,
-    store_server_errors: bool | None = None,
-    atomic: bool | None = None,
-    wait: float | None = None,
-    scope: ScopeResolver | None = None,
-    fingerprint: Fingerprinter | None = None,
-    replay_headers: ReplayHook | None = None,
-    clock: Callable[[], datetime] | None = None,
-) -> Callable[[F], F]: ...
+def idempotent(**options: Unpack[PolicyOptions]) -> Callable[[F], F]: ...
 
 
-def idempotent(
-    view: Callable[..., Any] | None = None,
-    /,
-    *,
-    required: bool | None = None,
-    methods: Iterable[str] | None = None,
-    ttl: int | None = None,
-    lease: int | None = None,
-    store_server_errors: bool | None = None,
-    atomic: bool | None = None,
-    wait: float | None = None,
-    scope: ScopeResolver | None = None,
-    fingerprint: Fingerprinter | None = None,
-    replay_headers: ReplayHook | None = None,
-    clock: Callable[[], datetime] | None = None,
-) -> Any:
-    """Make a view run once per ``Idempotency-Key``; options left ``None`` follow the settings."""
-    policy = Policy(
-        required=required,
-        methods=frozenset(m.upper() for m in methods) if methods is not None else None,
-        ttl=ttl,
-        lease=lease,
-        store_server_errors=store_server_errors,
-        atomic=atomic,
-        wait=wait,
-        scope=scope,
-        fingerprint=fingerprint,
-        replay_headers=replay_headers,
-    )
+def idempotent(view: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Make a view run once per ``Idempotency-Key``; options are :class:`~core.Policy` fields,
+    and those left ``None`` follow the settings."""
+    engine = Idempotency(Policy(**options))
 
     def decorate(func: F) -> F:
         view_class = getattr(func, "cls", None)
         if isinstance(view_class, type) and hasattr(view_class, "initialize_request"):
             raise TypeError(WRONG_ORDER)
         if inspect.iscoroutinefunction(func):
-            wrapper = _async_wrapper(func, policy, clock)
+            wrapper = _async_wrapper(func, engine)
         else:
-            wrapper = _sync_wrapper(func, policy, clock)
-        setattr(wrapper, POLICY_ATTR, policy)
+            wrapper = _sync_wrapper(func, engine)
+        setattr(wrapper, POLICY_ATTR, engine.policy)
         return wrapper  # type: ignore[return-value]
 
     if view is not None:
@@ -119,14 +72,6 @@ def _find_request(args: tuple[Any, ...]) -> Any:
         ):
             return candidate
     raise TypeError("@idempotent decorates views: the first argument must be the request.")
-
-
-def _claim_for(request: Any) -> bool:
-    django_request = getattr(request, "_request", request)
-    if getattr(django_request, HANDLED_ATTR, False):
-        return False
-    setattr(django_request, HANDLED_ATTR, True)
-    return True
 
 
 def _as_response(request: Any, exc: Exception) -> HttpResponseBase | None:
@@ -178,14 +123,12 @@ def _bind_renderer(request: Any, response: HttpResponseBase) -> None:
 
 
 def _sync_wrapper(
-    func: Callable[..., HttpResponseBase], policy: Policy, clock: Callable[[], datetime] | None
+    func: Callable[..., HttpResponseBase], engine: Idempotency
 ) -> Callable[..., HttpResponseBase]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
         request = _find_request(args)
-        if not _claim_for(request):
-            return func(*args, **kwargs)
-        outcome = Idempotency(policy, clock=clock).begin(request)
+        outcome = engine.begin(request)
         if outcome is None:
             return func(*args, **kwargs)
         if not isinstance(outcome, Flight):
@@ -195,21 +138,16 @@ def _sync_wrapper(
             response = func(*args, **kwargs)
         except BaseException as exc:
             response = _recover(outcome, request, exc)
-        _bind_renderer(request, response)
-        return outcome.finish(response)
+        return _finish(outcome, request, response)
 
     return wrapper
 
 
-def _async_wrapper(
-    func: Callable[..., Any], policy: Policy, clock: Callable[[], datetime] | None
-) -> Callable[..., Any]:
+def _async_wrapper(func: Callable[..., Any], engine: Idempotency) -> Callable[..., Any]:
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
         request = _find_request(args)
-        if not _claim_for(request):
-            return await func(*args, **kwargs)  # type: ignore[no-any-return]
-        outcome = await sync_to_async(Idempotency(policy, clock=clock).begin)(request)
+        outcome = await sync_to_async(engine.begin)(request)
         if outcome is None:
             return await func(*args, **kwargs)  # type: ignore[no-any-return]
         if not isinstance(outcome, Flight):
@@ -220,6 +158,15 @@ def _async_wrapper(
             response = await func(*args, **kwargs)
         except BaseException as exc:
             response = await sync_to_async(_recover)(outcome, request, exc)
-        return await sync_to_async(outcome.finish)(response)
+        return await sync_to_async(_finish)(outcome, request, response)
 
     return wrapper
+
+
+def _finish(flight: Flight, request: Any, response: HttpResponseBase) -> HttpResponseBase:
+    try:
+        _bind_renderer(request, response)
+    except BaseException:
+        flight.fail(*sys.exc_info())
+        raise
+    return flight.finish(response)

@@ -11,5 +11,6 @@ request_conflict = Signal()
 fingerprint_mismatch = Signal()
 claim_released = Signal()
 lease_reclaimed = Signal()
-#: Also carries ``error`` (the exception) and ``stage``: "claim", "complete" or "release".
+#: Also carries ``error`` (the exception) and ``stage``: "claim", "renew", "commit", "complete" or
+#: "release".
 store_error = Signal()

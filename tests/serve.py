@@ -11,6 +11,10 @@ Environment:
     server and the test count the same ``Payment`` rows. Without it the settings' name is used.
 ``IDEMPOTENCY_SERVE_DELAY``
     Seconds the payment view sleeps (``tests.testapp.views.DELAY``), so that requests overlap.
+``IDEMPOTENCY_SERVE_WRITE_DELAY``
+    Seconds the payment view sleeps after it wrote the payment row, before it answers.
+``IDEMPOTENCY_SERVE_LEASE``
+    ``IDEMPOTENCY_LEASE`` for this server, in seconds.
 
 The database backend and store come from ``IDEMPOTENCY_TEST_DB`` / ``IDEMPOTENCY_TEST_STORE``,
 as for the test run itself.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from django.core.servers.basehttp import ThreadedWSGIServer, WSGIRequestHandler
 
@@ -36,6 +41,9 @@ def main() -> None:
     import django
     from django.conf import settings
 
+    lease = os.environ.get("IDEMPOTENCY_SERVE_LEASE")
+    if lease:
+        settings.IDEMPOTENCY_LEASE = int(lease)
     name = os.environ.get("IDEMPOTENCY_SERVE_DB_NAME")
     if name:
         # Connections are opened lazily, after this: every thread of the server uses ``name``.
@@ -47,6 +55,9 @@ def main() -> None:
     from tests.testapp import views
 
     views.DELAY = float(os.environ.get("IDEMPOTENCY_SERVE_DELAY", "0"))
+    write_delay = float(os.environ.get("IDEMPOTENCY_SERVE_WRITE_DELAY", "0"))
+    if write_delay:
+        views.AFTER_WRITE.append(lambda: time.sleep(write_delay))
     # With DEBUG off Django sends request errors only to mail_admins; the test wants them on
     # stderr, where it collects them when an assertion fails.
     handler = logging.StreamHandler(sys.stderr)

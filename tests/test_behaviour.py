@@ -33,6 +33,8 @@ from tests.testapp.models import Payment
 pytestmark = pytest.mark.django_db(transaction=True)
 
 entries = pytest.mark.parametrize("entry", ENTRIES, ids=str)
+#: Whether the store completes inside the view's transaction (the ORM store); every store runs a
+#: synchronous view in a transaction, the others store the result right after its commit.
 TRANSACTIONAL = settings.STORE_BACKEND == "db"
 
 
@@ -438,6 +440,27 @@ def test_stopped_worker_keeps_the_key_until_its_lease_ends(
 
 
 @entries
+def test_response_that_fails_to_render_settles_the_key_and_the_connection(
+    user: Any, entry: Entry
+) -> None:
+    """The view returns a response that raises when rendered: Django answers 500, the view's
+    writes roll back, the key is released, and the same connection serves the next request."""
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    views.SCRIPT.append("unrenderable")
+    failed = send(client, entry.url, key="unrenderable")
+    assert failed.status_code == 500
+    assert not any(c.in_atomic_block for c in connections.all(initialized_only=True))
+    assert record_for(user, "unrenderable") is None
+    # An async view runs outside a transaction: its write stays, as for any exception it raises.
+    assert Payment.objects.count() == (0 if entry.sync else 1)
+    assert send(client, entry.url, key="next").status_code == 201
+    retry = send(client, entry.url, key="unrenderable")
+    assert retry.status_code == 201
+    assert "Idempotent-Replayed" not in retry
+
+
+@entries
 @override_settings(IDEMPOTENCY_STORE_SERVER_ERRORS=True)
 def test_server_errors_can_be_stored(client: Client, entry: Entry) -> None:
     views.SCRIPT.append("early-503")
@@ -447,7 +470,6 @@ def test_server_errors_can_be_stored(client: Client, entry: Entry) -> None:
     assert replay["Idempotent-Replayed"] == "true"
 
 
-@pytest.mark.skipif(not TRANSACTIONAL, reason="the cache store has no transaction to roll back")
 # Async views run outside the store's transaction (documented), so they are not listed here.
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sync], ids=str)
 @pytest.mark.parametrize("step", ["raise", "500", "503"])
@@ -467,6 +489,24 @@ def test_failed_view_leaves_neither_row_nor_key(
 
 
 # --- expiry ---------------------------------------------------------------------------------
+
+
+@entries
+@override_settings(IDEMPOTENCY_TTL=4, IDEMPOTENCY_LEASE=2)
+def test_request_that_outlives_its_ttl_still_replays(
+    client: Client, entry: Entry, clock: list[timedelta]
+) -> None:
+    """TTL 4 s, an 8 s request: the result stays replayable one lease after it was stored."""
+    views.HOOKS.append(lambda: clock.append(clock[-1] + timedelta(seconds=8)))
+    first = send(client, entry.url, key="slow")
+    views.HOOKS.clear()
+    assert first.status_code == 201
+    retry = send(client, entry.url, key="slow")
+    assert retry["Idempotent-Replayed"] == "true"
+    assert retry.content == first.content
+    clock.append(clock[-1] + timedelta(seconds=2))  # one lease after completion: expired
+    assert "Idempotent-Replayed" not in send(client, entry.url, key="slow")
+    assert Payment.objects.count() == 2
 
 
 @entries
@@ -523,7 +563,6 @@ def test_store_down_fail_open_runs_the_view(
     assert "WITHOUT protection" in caplog.text
 
 
-@pytest.mark.skipif(not TRANSACTIONAL, reason="only the ORM store commits with the view")
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e.sync], ids=str)
 def test_failing_on_commit_callback_keeps_the_committed_answer(
     client: Client, entry: Entry

@@ -47,6 +47,7 @@ from rest_framework.authtoken.models import Token
 
 from django_idempotency import core
 from django_idempotency.fingerprint import request_fingerprint
+from django_idempotency.heartbeat import heartbeat
 from django_idempotency.keys import hash_key
 from django_idempotency.storage import get_storage
 from tests.testapp import views
@@ -150,12 +151,19 @@ def _from_client(response: Any, label: str) -> Outcome:
     return Outcome(response.status_code, headers, response.content, label)
 
 
-def client_post(path: str, key: str, token: str | None, label: str = "") -> Outcome:
-    """POST the payment with a fresh ``Client``; on a new thread it opens its own connection."""
+def client_post(
+    path: str, key: str, token: str | None, label: str = "", *, raise_errors: bool = True
+) -> Outcome:
+    """POST the payment with a fresh ``Client``; on a new thread it opens its own connection.
+
+    ``raise_errors=False`` makes a view's exception a 500 outcome. Django's test client learns of
+    exceptions through a process-wide signal, so a client whose request is still running when
+    another thread's request fails would re-raise that other request's exception as its own.
+    """
     headers = {"Idempotency-Key": key}
     if token is not None:
         headers["Authorization"] = f"Token {token}"
-    client = Client(headers=headers)
+    client = Client(headers=headers, raise_request_exception=raise_errors)
     response = client.post(path, data=BODY, content_type="application/json")
     return _from_client(response, label or path)
 
@@ -290,18 +298,21 @@ def new_key() -> str:
     return str(uuid.uuid4())
 
 
-def store_is_transactional() -> bool:
-    """ORM store: the view's writes and the stored result commit or roll back together."""
-    return get_storage().transactional
-
-
 def view_is_atomic(path: str) -> bool:
-    """Whether the view at ``path`` runs inside the store's transaction.
+    """Whether the view at ``path`` runs inside a transaction that a lost claim rolls back.
 
-    An async view cannot share the ORM store's synchronous transaction (see ``decorators.py``),
-    so for it even the ORM store behaves like the cache store.
+    Every store runs a synchronous view in a transaction under ``IDEMPOTENCY_ATOMIC`` (the ORM
+    store completes inside it, the others right after its commit). An async view cannot share a
+    synchronous transaction (see ``decorators.py``), so its writes stay whatever happens.
     """
-    return store_is_transactional() and path != "/async/payments/"
+    return path != "/async/payments/"
+
+
+@pytest.fixture
+def frozen_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stale worker of these drills is frozen (a GC pause, a stopped VM): its heartbeat
+    does not beat, which is the only way a live request's lease can lapse."""
+    monkeypatch.setattr(heartbeat, "track", lambda flight: None)
 
 
 def payment_ids() -> list[int]:
@@ -397,13 +408,17 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def start_servers(count: int, log_dir: Path, *, delay: float) -> list[Server]:
+def start_servers(
+    count: int, log_dir: Path, *, delay: float, write_delay: float = 0, lease: int | None = None
+) -> list[Server]:
     """Start ``count`` ``tests.serve`` processes on the test database; the caller stops them."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "IDEMPOTENCY_SERVE_DB_NAME": str(connection.settings_dict["NAME"]),
         "IDEMPOTENCY_SERVE_DELAY": str(delay),
+        "IDEMPOTENCY_SERVE_WRITE_DELAY": str(write_delay),
+        "IDEMPOTENCY_SERVE_LEASE": str(lease or ""),
     }
     started: list[tuple[subprocess.Popen[str], Path]] = []
     servers: list[Server] = []
@@ -516,6 +531,85 @@ def test_key_of_a_killed_server_is_reclaimed_after_its_lease(
     assert payment_ids() == [after.payment_id()]
 
 
+def _wait_for_claim(principal: Principal, key: str) -> None:
+    storage = get_storage()
+    key_hash = hash_key(principal.scope, key)
+    deadline = time.monotonic() + TIMEOUT
+    while storage.get(principal.scope, key_hash) is None:
+        assert time.monotonic() < deadline, "the server never claimed the key"
+        time.sleep(0.02)
+
+
+def test_slow_owner_keeps_its_claim_while_its_view_runs(
+    principal: Principal, tmp_path: Path
+) -> None:
+    """Lease 1 s, view 3 s: the heartbeat renews the claim, so a retry long past the first lease
+    waits (409) instead of taking over, then replays the one execution."""
+    path = "/mixin/payments/"
+    key = new_key()
+    (server,) = start_servers(1, tmp_path, delay=3.0, lease=1)
+    first: list[Outcome] = []
+    owner = threading.Thread(
+        target=lambda: first.append(http_post(server.url + path, key, principal.token, "owner"))
+    )
+    try:
+        owner.start()
+        _wait_for_claim(principal, key)
+        time.sleep(1.8)  # almost two leases: the claim lives only if it was renewed
+        during = http_post(server.url + path, key, principal.token, "retry")
+        owner.join(TIMEOUT)
+        after = http_post(server.url + path, key, principal.token, "after")
+    finally:
+        stop_servers([server.process])
+        owner.join(TIMEOUT)
+    assert "Traceback" not in server.stderr_tail(), server.stderr_tail()
+    assert during.status == 409, during.describe()
+    assert during.problem == IN_PROGRESS
+    assert first and first[0].fresh, first
+    assert (after.status, after.replayed, after.body) == (201, True, first[0].body)
+    assert payment_ids() == [first[0].payment_id()]
+
+
+def test_worker_killed_after_its_write_leaves_no_payment_and_the_retry_runs_once(
+    principal: Principal, tmp_path: Path
+) -> None:
+    """SIGKILL after the view wrote its payment: the write never commits (the view runs in a
+    transaction on every store), the claim expires one lease after its last renewal, and the
+    retry that takes over pays once."""
+    path = "/mixin/payments/"
+    key = new_key()
+    (server,) = start_servers(1, tmp_path, delay=0, write_delay=TIMEOUT, lease=1)
+    doomed = threading.Thread(
+        target=lambda: _swallow(lambda: http_post(server.url + path, key, principal.token)),
+        daemon=True,
+    )
+    storage = get_storage()
+    key_hash = hash_key(principal.scope, key)
+    try:
+        doomed.start()
+        _wait_for_claim(principal, key)
+        time.sleep(1.5)  # the view has written and sleeps; the heartbeat renews meanwhile
+        record = storage.get(principal.scope, key_hash)
+        assert record is not None
+        if not (storage.transactional and connection.vendor == "sqlite"):
+            assert record.lease_expires_at > core.now(), "the lease was not renewed"
+        # On SQLite the ORM store's renewal waits for the write lock that the view holds until
+        # it commits (docs/stores.md): the lease lapses, and the takeover waits for the lock.
+        server.process.kill()
+        server.process.wait(timeout=TIMEOUT)
+    finally:
+        stop_servers([server.process])
+        doomed.join(TIMEOUT)
+    outcomes = [client_post(path, key, principal.token, "retry")]
+    deadline = time.monotonic() + 5
+    while outcomes[-1].status == 409 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        outcomes.append(client_post(path, key, principal.token, "retry"))
+    assert all(o.problem == IN_PROGRESS for o in outcomes[:-1]), summary(outcomes)
+    assert outcomes[-1].fresh, summary(outcomes)
+    assert payment_ids() == [outcomes[-1].payment_id()]
+
+
 def _swallow(call: Callable[[], object]) -> None:
     # The killed server's own client sees its connection reset; that is the point.
     with contextlib.suppress(OSError):
@@ -596,7 +690,9 @@ class Takeover:
         self.clock.advance(5)  # past the 1 s lease of the stale request
         try:
             self.outcome = in_thread(
-                lambda: client_post(self.path, self.key, self.principal.token, "takeover")
+                lambda: client_post(
+                    self.path, self.key, self.principal.token, "takeover", raise_errors=False
+                )
             )
         except AssertionError:
             self.error = traceback.format_exc()
@@ -605,7 +701,7 @@ class Takeover:
 @pytest.mark.parametrize("path", ALL_ENTRY_POINTS)
 @override_settings(IDEMPOTENCY_LEASE=1)
 def test_stale_request_cannot_complete_over_the_request_that_took_over(
-    path: str, principal: Principal, clock: Clock
+    path: str, principal: Principal, clock: Clock, frozen_heartbeat: None
 ) -> None:
     key = new_key()
     takeover = Takeover(path, key, principal, clock)
@@ -634,7 +730,7 @@ def test_stale_request_cannot_complete_over_the_request_that_took_over(
 @pytest.mark.parametrize("failure", ["503", "raise"])
 @override_settings(IDEMPOTENCY_LEASE=1)
 def test_stale_request_cannot_release_the_request_that_took_over(
-    failure: str, principal: Principal, clock: Clock
+    failure: str, principal: Principal, clock: Clock, frozen_heartbeat: None
 ) -> None:
     """The stale request fails after the takeover; its release must not free the key."""
     path = "/mixin/payments/"
@@ -659,15 +755,18 @@ def test_stale_request_cannot_release_the_request_that_took_over(
     assert (replay.status, replay.replayed, replay.body) == (201, True, takeover.outcome.body)
     payments = payment_ids()
     assert takeover.outcome.payment_id() in payments
-    # ORM store: the failed stale view's payment was rolled back. A cache store cannot roll the
-    # view back, so the stale payment stays; what matters there is that the key stayed owned.
-    assert len(payments) == (1 if store_is_transactional() else 2)
+    # The failed stale view's payment was rolled back, and the key stayed the takeover's.
+    assert len(payments) == 1
 
 
 @pytest.mark.parametrize("path", ALL_ENTRY_POINTS)
 @override_settings(IDEMPOTENCY_LEASE=1)
 def test_takeover_after_the_stale_request_wrote_cannot_keep_that_write(
-    path: str, principal: Principal, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    path: str,
+    principal: Principal,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    frozen_heartbeat: None,
 ) -> None:
     """The lease lapses after the stale request saved its payment, before it stores its result."""
     transactional = view_is_atomic(path)
@@ -687,13 +786,28 @@ def test_takeover_after_the_stale_request_wrote_cannot_keep_that_write(
 
     post_save.connect(after_save, sender=Payment, weak=False, dispatch_uid="stale-write")
     try:
-        stale = in_thread(lambda: client_post(path, key, principal.token, "stale"))
+        stale = in_thread(
+            lambda: client_post(path, key, principal.token, "stale", raise_errors=False)
+        )
     finally:
         post_save.disconnect(sender=Payment, dispatch_uid="stale-write")
 
     assert takeover.error is None, takeover.error
     assert takeover.outcome is not None
     winner = stale if sqlite_locked else takeover.outcome
+    if sqlite_locked and not get_storage().transactional:
+        # The claim is in Redis, so the takeover wins it, but its view's own INSERT waits on the
+        # stale request's write lock until SQLite gives up: that view fails (its key released),
+        # and the stale request, whose claim is gone, rolls its payment back. Nothing is paid;
+        # the next retry pays once.
+        assert takeover.outcome.status == 500, takeover.outcome.describe()
+        assert stale.status == 409, stale.describe()
+        assert stale.problem == IN_PROGRESS
+        assert payment_ids() == []
+        retry = client_post(path, key, principal.token)
+        assert retry.fresh, retry.describe()
+        assert payment_ids() == [retry.payment_id()]
+        return
     if sqlite_locked:
         # Lock contention surfaces as 503 for the takeover; the stale request kept its claim.
         assert takeover.outcome.status == 503, takeover.outcome.describe()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from django.http import HttpRequest, HttpResponse
 from django.test import Client, RequestFactory
+from rest_framework import viewsets
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -168,3 +169,37 @@ def test_package_root_is_light() -> None:
 
     with pytest.raises(AttributeError):
         django_idempotency.nothing_here  # noqa: B018
+
+
+@pytest.mark.parametrize("drf_view", [APIView, viewsets.GenericViewSet], ids=lambda c: c.__name__)
+def test_mixin_after_the_drf_view_fails_at_class_creation(drf_view: type) -> None:
+    with pytest.raises(TypeError, match=r"(?s)must come before.*class Wrong\(IdempotencyMixin, "):
+        type("Wrong", (drf_view, IdempotencyMixin), {})
+
+
+def test_mixin_first_and_subclasses_are_accepted() -> None:
+    class Right(IdempotencyMixin, APIView):
+        pass
+
+    class Child(Right):
+        idempotency_ttl = 5
+
+    assert Child().get_idempotency_policy().ttl == 5
+    assert Right().get_idempotency_policy().ttl is None
+
+
+def test_the_options_are_one_list() -> None:
+    """``Policy`` is the list; the decorator's typed keywords and the mixin's attributes and
+    hooks follow it, name for name."""
+    from django_idempotency.core import Policy, PolicyOptions
+    from django_idempotency.mixins import _HOOKS
+
+    names = set(Policy.option_names())
+    assert set(PolicyOptions.__annotations__) == names
+    attributes = {
+        name.removeprefix("idempotency_")
+        for name in vars(IdempotencyMixin)
+        if name.startswith("idempotency_")
+    }
+    assert attributes | set(_HOOKS.values()) == names
+    assert not attributes & set(_HOOKS.values())

@@ -65,6 +65,12 @@ class NativeStore(BaseStorage):
         response: StoredResponse | None,
         *,
         now: datetime,
+        min_retention: timedelta = timedelta(0),
+    ) -> bool:
+        raise NotImplementedError
+
+    def renew(
+        self, scope: str, key_hash: str, token: str, *, now: datetime, lease: timedelta
     ) -> bool:
         raise NotImplementedError
 

@@ -67,6 +67,10 @@ class Claim:
         return self.token is not None
 
 
+#: A claim that loses every race this many times in a row reports the store as unavailable (the
+#: caller answers 503) rather than looping under a storm. Every store uses it.
+CLAIM_ATTEMPTS = 4
+
 #: Rows per purge batch unless the caller says otherwise. Measured on PostgreSQL with
 #: ``bench/purge_bench.py`` (see ``docs/purge.md``): large enough that a million rows go in
 #: seconds, small enough that no batch holds its row locks for anything near a second.
@@ -143,11 +147,23 @@ class BaseStorage(abc.ABC):
         response: StoredResponse | None,
         *,
         now: datetime,
+        min_retention: timedelta = timedelta(0),
     ) -> bool:
         """Store the final response (``None`` marks it unavailable) if ``token`` still owns the key.
 
         Returns False when the claim was lost to another request. The record keeps the expiry set
-        at claim time (created + TTL).
+        at claim time (created + TTL), pushed out to ``now + min_retention`` when that is later:
+        a request that ran longer than its TTL must still leave a result its retry can replay.
+        """
+
+    @abc.abstractmethod
+    def renew(
+        self, scope: str, key_hash: str, token: str, *, now: datetime, lease: timedelta
+    ) -> bool:
+        """Move the lease of an in-flight claim to ``now + lease`` if ``token`` still owns it.
+
+        The lease heartbeat calls this while the view runs, so that only a dead worker's claim
+        can be taken over. Returns False when the claim is no longer this token's.
         """
 
     @abc.abstractmethod

@@ -39,6 +39,7 @@ from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
 from django_idempotency.keys import hash_key
 from django_idempotency.storage.base import (
+    CLAIM_ATTEMPTS,
     BaseStorage,
     Claim,
     Record,
@@ -52,9 +53,6 @@ if TYPE_CHECKING:
 
 # Bumped if the stored layout ever changes, so that old records are recognisable.
 FORMAT_VERSION = "1"
-
-# Same meaning as in the ORM store: a claim that keeps losing races answers 503, not a loop.
-CLAIM_ATTEMPTS = 4
 
 _EPOCH_AWARE = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EPOCH_NAIVE = datetime(1970, 1, 1)
@@ -86,16 +84,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return {outcome}
 """.replace("@VERSION@", FORMAT_VERSION)
 
-# KEYS[1] the record. ARGV: token, final state, response JSON ('' when unavailable).
-# The expiry set at claim time (created + TTL) is left alone: HSET keeps a key's TTL.
+# KEYS[1] the record. ARGV: token, final state, response JSON ('' when unavailable), the earliest
+# record end (microseconds) and the retention it stands for (milliseconds). The expiry set at
+# claim time (created + TTL) stays unless the request outlived it: HSET keeps a key's TTL.
 _COMPLETE = """
-local held = redis.call('HMGET', KEYS[1], 'token', 'state')
+local held = redis.call('HMGET', KEYS[1], 'token', 'state', 'expires')
 if held[1] ~= ARGV[1] or held[2] ~= 'in_flight' then return 0 end
 if ARGV[3] == '' then
   redis.call('HSET', KEYS[1], 'state', ARGV[2])
 else
   redis.call('HSET', KEYS[1], 'state', ARGV[2], 'response', ARGV[3])
 end
+if tonumber(held[3]) < tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'expires', ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return 1
+"""
+
+# KEYS[1] the record. ARGV: token, new lease end (microseconds).
+_RENEW = """
+local held = redis.call('HMGET', KEYS[1], 'token', 'state')
+if held[1] ~= ARGV[1] or held[2] ~= 'in_flight' then return 0 end
+redis.call('HSET', KEYS[1], 'lease_expires', ARGV[2])
 return 1
 """
 
@@ -126,6 +137,7 @@ class _Script:
 CLAIM_SCRIPT = _Script(_CLAIM)
 COMPLETE_SCRIPT = _Script(_COMPLETE)
 RELEASE_SCRIPT = _Script(_RELEASE)
+RENEW_SCRIPT = _Script(_RENEW)
 
 
 class CacheStorage(BaseStorage):
@@ -222,15 +234,30 @@ class CacheStorage(BaseStorage):
         response: StoredResponse | None,
         *,
         now: datetime,
+        min_retention: timedelta = timedelta(0),
     ) -> bool:
         key = self.cache_key(scope, key_hash)
         if self._fallback is not None:
-            return self._fallback.complete(key, token, response, now=now)
+            return self._fallback.complete(key, token, response, now=now, retention=min_retention)
         if response is None:
             state, document = State.UNAVAILABLE.value, ""
         else:
             state, document = State.COMPLETED.value, _dump_response(response)
-        return _flag(self._run(COMPLETE_SCRIPT, "complete", key, token, state, document))
+        keep_until = _micros(now + min_retention)
+        keep_ms = str(max(1, math.ceil(min_retention.total_seconds() * 1000)))
+        answer = self._run(
+            COMPLETE_SCRIPT, "complete", key, token, state, document, str(keep_until), keep_ms
+        )
+        return _flag(answer)
+
+    def renew(
+        self, scope: str, key_hash: str, token: str, *, now: datetime, lease: timedelta
+    ) -> bool:
+        key = self.cache_key(scope, key_hash)
+        if self._fallback is not None:
+            return self._fallback.renew(key, token, now=now, lease=lease)
+        lease_end = str(_micros(now + lease))
+        return _flag(self._run(RENEW_SCRIPT, "renew", key, token, lease_end))
 
     def release(self, scope: str, key_hash: str, token: str) -> bool:
         key = self.cache_key(scope, key_hash)
@@ -411,7 +438,13 @@ class _CacheRecords:
         raise StoreError("claim kept losing races for the same key")
 
     def complete(
-        self, key: str, token: str, response: StoredResponse | None, *, now: datetime
+        self,
+        key: str,
+        token: str,
+        response: StoredResponse | None,
+        *,
+        now: datetime,
+        retention: timedelta,
     ) -> bool:
         with self._lock, _errors("complete"):
             held = self._owned(key, token)
@@ -423,6 +456,19 @@ class _CacheRecords:
             else:
                 data["state"] = State.COMPLETED.value
                 data["response"] = _dump_response(response)
+            expires_at = max(record.expires_at, now + retention)
+            data["expires"] = _micros(expires_at)
+            left = max(1, math.ceil((expires_at - now).total_seconds()))
+            self.cache.set(key, json.dumps(data, separators=(",", ":")), left)
+            return True
+
+    def renew(self, key: str, token: str, *, now: datetime, lease: timedelta) -> bool:
+        with self._lock, _errors("renew"):
+            held = self._owned(key, token)
+            if held is None:
+                return False
+            record, data = held
+            data["lease_expires"] = _micros(now + lease)
             left = max(1, math.ceil((record.expires_at - now).total_seconds()))
             self.cache.set(key, json.dumps(data, separators=(",", ":")), left)
             return True

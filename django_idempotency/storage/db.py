@@ -1,26 +1,40 @@
 """The ORM store: one ``IdempotencyKey`` row per (scope, key hash).
 
-The unique constraint is the lock. A claim is a plain INSERT: committed on its own when the
-connection is in autocommit (the normal case for a request), so every other worker sees it at once,
-and PostgreSQL never makes a duplicate INSERT wait on an uncommitted one. Taking over an expired
-record or a dead lease is an UPDATE conditioned on the owner token that was read, so two requests
-racing for the same dead record cannot both win.
+The unique constraint is the lock. A claim is ONE statement in autocommit, an insert that does
+nothing when the key is held (``ON CONFLICT DO NOTHING`` on PostgreSQL and SQLite, ``ON DUPLICATE
+KEY UPDATE`` that changes nothing on MariaDB/MySQL), so a fresh key costs no read and every other
+worker sees the claim as soon as it commits. Where the backend can return the row that holds the
+key in the same statement (a CTE on PostgreSQL, ``RETURNING`` on MariaDB) a lost claim costs no
+second statement either; SQLite reads it with one SELECT.
+
+On PostgreSQL the claim's own commit does not wait for the WAL flush
+(``IDEMPOTENCY_ASYNC_CLAIM_COMMIT``): the WAL is written in order, so the view's durable commit
+flushes the claim with it, and a crash before that loses the claim together with the view's
+writes, which only lets the retry run at once instead of after the lease (docs/stores.md).
+
+Taking over an expired record or a dead lease is an UPDATE that repeats the takeover condition
+and the owner token that was read, so two requests racing for the same dead record cannot both
+win, and a lease renewed in between by its live owner is not taken.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import Error, IntegrityError, connections, transaction
-from django.db.models import Q
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import F, Field, Q
+from django.db.models.functions import Greatest
 
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
 from django_idempotency.storage.base import (
+    CLAIM_ATTEMPTS,
     PURGE_BATCH_SIZE,
     BaseStorage,
     Claim,
@@ -36,9 +50,19 @@ from django_idempotency.storage.base import (
 # Errors are caught as django.db.Error, not DatabaseError: a connection that died under the
 # driver surfaces as InterfaceError, which is not a DatabaseError (PEP 249).
 
-# A claim that loses every race this many times in a row reports the store as unavailable
-# (the caller answers 503) rather than looping under a storm.
-CLAIM_ATTEMPTS = 4
+_RECORD_FIELDS = (
+    "fingerprint",
+    "state",
+    "created_at",
+    "lease_expires_at",
+    "expires_at",
+    "response_status",
+    "response_headers",
+    "response_body",
+)
+
+# What a claim writes, in this order; the primary key is the database's.
+_CLAIM_FIELDS = ("scope", "key_hash", "owner_token", *_RECORD_FIELDS)
 
 
 class DatabaseStorage(BaseStorage):
@@ -46,19 +70,13 @@ class DatabaseStorage(BaseStorage):
 
     def __init__(self, using: str | None = None) -> None:
         self.using = using or settings.IDEMPOTENCY_DATABASE
+        self._statements: dict[tuple[str, bool], _ClaimStatement] = {}
 
     @property
     def _objects(self):  # type: ignore[no-untyped-def]
         from django_idempotency.models import IdempotencyKey
 
         return IdempotencyKey.objects.using(self.using)
-
-    def _savepoint_if_nested(self) -> contextlib.AbstractContextManager[object]:
-        # Inside an outer transaction a failed INSERT would poison it on PostgreSQL; a savepoint
-        # contains the IntegrityError. In autocommit the INSERT is its own transaction already.
-        if connections[self.using].in_atomic_block:
-            return transaction.atomic(using=self.using)
-        return contextlib.nullcontext()
 
     def claim(
         self,
@@ -70,46 +88,80 @@ class DatabaseStorage(BaseStorage):
         lease: timedelta,
         ttl: timedelta,
     ) -> Claim:
+        token = new_token()
+        fresh = {
+            "scope": scope,
+            "key_hash": key_hash,
+            "owner_token": token,
+            "fingerprint": fingerprint,
+            "state": State.IN_FLIGHT.value,
+            "created_at": now,
+            "lease_expires_at": now + lease,
+            "expires_at": now + ttl,
+            "response_status": None,
+            "response_headers": [],
+            "response_body": None,
+        }
         try:
+            connection = connections[self.using]
             for _ in range(CLAIM_ATTEMPTS):
-                row = (
-                    self._objects.filter(scope=scope, key_hash=key_hash)
-                    .values_list("pk", "owner_token", *_RECORD_FIELDS)
-                    .first()
-                )
-                token = new_token()
-                fresh = {
-                    "fingerprint": fingerprint,
-                    "state": State.IN_FLIGHT.value,
-                    "owner_token": token,
-                    "created_at": now,
-                    "lease_expires_at": now + lease,
-                    "expires_at": now + ttl,
-                    "response_status": None,
-                    "response_headers": [],
-                    "response_body": None,
-                }
-                if row is None:
-                    try:
-                        with self._savepoint_if_nested():
-                            self._objects.create(scope=scope, key_hash=key_hash, **fresh)
-                    except IntegrityError:
-                        continue  # another request inserted first: read what it holds
+                won, held = self._statement(connection).run(connection, fresh)
+                if won:
                     return Claim(token=token)
-                pk, old_token, *values = row
-                record = _to_record(values)
+                if held is None:
+                    held = self._read(scope, key_hash)
+                    if held is None:
+                        continue  # released or purged since the insert saw it: try again
+                pk, old_token, record = held
                 if not record.can_be_taken_over(fingerprint, now):
                     return Claim(record=record)
-                # Conditioned on what was read: if the owner completed (or another request took
-                # over) since, nothing matches and the loop reads the record again.
-                taken = self._objects.filter(
-                    pk=pk, owner_token=old_token, state=record.state.value
-                ).update(**fresh)
-                if taken:
+                if self._take_over(pk, old_token, record, fingerprint, fresh, now):
                     return Claim(token=token, reclaimed=not record.is_expired(now))
         except Error as exc:
             raise StoreError(f"claim failed: {exc.__class__.__name__}") from exc
         raise StoreError("claim kept losing races for the same key")
+
+    def _statement(self, connection: BaseDatabaseWrapper) -> _ClaimStatement:
+        # Inside an outer transaction (ATOMIC_REQUESTS, a test case) the claim commits with it:
+        # relaxing synchronous_commit there would relax the caller's own commit too.
+        relaxed = settings.IDEMPOTENCY_ASYNC_CLAIM_COMMIT and not connection.in_atomic_block
+        cache_key = (connection.vendor, relaxed)
+        statement = self._statements.get(cache_key)
+        if statement is None:
+            statement = _ClaimStatement.build(connection, relaxed)
+            self._statements[cache_key] = statement
+        return statement
+
+    def _read(self, scope: str, key_hash: str) -> tuple[Any, str, Record] | None:
+        row = (
+            self._objects.filter(scope=scope, key_hash=key_hash)
+            .values_list("pk", "owner_token", *_RECORD_FIELDS)
+            .first()
+        )
+        if row is None:
+            return None
+        pk, old_token, *values = row
+        return pk, old_token, _to_record(values)
+
+    def _take_over(
+        self,
+        pk: Any,
+        old_token: str,
+        record: Record,
+        fingerprint: str,
+        fresh: dict[str, Any],
+        now: datetime,
+    ) -> bool:
+        # The condition is repeated, not only the state that was read: a live owner that renewed
+        # its lease since the read keeps its claim.
+        dead = Q(expires_at__lte=now) | Q(
+            state=State.IN_FLIGHT.value, lease_expires_at__lte=now, fingerprint=fingerprint
+        )
+        values = {k: v for k, v in fresh.items() if k not in ("scope", "key_hash")}
+        taken = self._objects.filter(
+            dead, pk=pk, owner_token=old_token, state=record.state.value
+        ).update(**values)
+        return bool(taken)
 
     def complete(
         self,
@@ -119,39 +171,44 @@ class DatabaseStorage(BaseStorage):
         response: StoredResponse | None,
         *,
         now: datetime,
+        min_retention: timedelta = timedelta(0),
     ) -> bool:
-        values: dict[str, object]
+        values: dict[str, object] = {"expires_at": Greatest(F("expires_at"), now + min_retention)}
         if response is None:
-            values = {"state": State.UNAVAILABLE.value}
+            values["state"] = State.UNAVAILABLE.value
         else:
-            values = {
-                "state": State.COMPLETED.value,
-                "response_status": response.status,
-                "response_headers": [list(h) for h in response.headers],
-                "response_body": response.body,
-            }
+            values.update(
+                state=State.COMPLETED.value,
+                response_status=response.status,
+                response_headers=[list(h) for h in response.headers],
+                response_body=response.body,
+            )
         try:
             return bool(self._owned(scope, key_hash, token).update(**values))
         except Error as exc:
             raise StoreError(f"complete failed: {exc.__class__.__name__}") from exc
 
+    def renew(
+        self, scope: str, key_hash: str, token: str, *, now: datetime, lease: timedelta
+    ) -> bool:
+        try:
+            return bool(self._owned(scope, key_hash, token).update(lease_expires_at=now + lease))
+        except Error as exc:
+            raise StoreError(f"renew failed: {exc.__class__.__name__}") from exc
+
     def release(self, scope: str, key_hash: str, token: str) -> bool:
         try:
-            deleted, _ = self._owned(scope, key_hash, token).delete()
+            deleted = self._owned(scope, key_hash, token)._raw_delete(self.using)
         except Error as exc:
             raise StoreError(f"release failed: {exc.__class__.__name__}") from exc
         return bool(deleted)
 
     def get(self, scope: str, key_hash: str) -> Record | None:
         try:
-            row = (
-                self._objects.filter(scope=scope, key_hash=key_hash)
-                .values_list(*_RECORD_FIELDS)
-                .first()
-            )
+            held = self._read(scope, key_hash)
         except Error as exc:
             raise StoreError(f"get failed: {exc.__class__.__name__}") from exc
-        return None if row is None else _to_record(list(row))
+        return None if held is None else held[2]
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
@@ -263,18 +320,6 @@ class DatabaseStorage(BaseStorage):
         return int(batch._raw_delete(self.using))
 
 
-_RECORD_FIELDS = (
-    "fingerprint",
-    "state",
-    "created_at",
-    "lease_expires_at",
-    "expires_at",
-    "response_status",
-    "response_headers",
-    "response_body",
-)
-
-
 def _to_record(values: list[object]) -> Record:
     fingerprint, state, created, lease, expires, status, headers, body = values
     response = None
@@ -292,6 +337,169 @@ def _to_record(values: list[object]) -> Record:
         expires_at=expires,  # type: ignore[arg-type]
         response=response,
     )
+
+
+class _ClaimStatement:
+    """The one-statement claim of one database vendor, built once per store, vendor and mode.
+
+    :meth:`run` answers ``(won, held)``: ``won`` when this claim inserted its row; otherwise
+    ``held`` is the row in the way when the statement could return it, else ``None`` (the caller
+    reads it).
+    """
+
+    def __init__(self, connection: BaseDatabaseWrapper, relaxed: bool) -> None:
+        from django_idempotency.models import IdempotencyKey
+
+        meta = IdempotencyKey._meta
+
+        def column(name: str) -> Field[Any, Any]:
+            found = meta.get_field(name)
+            assert isinstance(found, Field)  # noqa: S101 - plain columns, never relations
+            return found
+
+        qn = connection.ops.quote_name
+        self.fields = tuple(column(name) for name in _CLAIM_FIELDS)
+        self.table = qn(meta.db_table)
+        self.columns = ", ".join(qn(str(f.column)) for f in self.fields)
+        self.placeholders = ", ".join(["%s"] * len(self.fields))
+        self.pk = qn(str(column("id").column))
+        self.scope = qn(str(column("scope").column))
+        self.key_hash = qn(str(column("key_hash").column))
+        self.unique = f"{self.scope}, {self.key_hash}"
+        holder_fields = [column(name) for name in ("owner_token", *_RECORD_FIELDS)]
+        self.holder_columns = ", ".join(qn(str(f.column)) for f in holder_fields)
+        # What the ORM would apply to each column read back (datetimes on SQLite and MariaDB,
+        # JSON text, memoryview bodies), so a raw row becomes the same values as a queryset's.
+        self.converters: list[tuple[Any, list[Any]]] = []
+        for model_field in holder_fields[1:]:
+            col = model_field.get_col(meta.db_table)
+            self.converters.append(
+                (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
+            )
+        self.sql = self.statement(relaxed)
+
+    @staticmethod
+    def build(connection: BaseDatabaseWrapper, relaxed: bool) -> _ClaimStatement:
+        if connection.vendor == "postgresql":
+            return _PostgresClaim(connection, relaxed)
+        if connection.vendor == "mysql" and connection.mysql_is_mariadb:  # type: ignore[attr-defined]
+            return _MariaDBClaim(connection, relaxed)
+        if connection.vendor == "sqlite":
+            return _SQLiteClaim(connection, relaxed)
+        return _ClaimStatement(connection, relaxed)
+
+    def statement(self, relaxed: bool) -> str:
+        # Identifiers come from the model's options, quoted by the backend; values are parameters.
+        return f"INSERT INTO {self.table} ({self.columns}) VALUES ({self.placeholders})"
+
+    def params(self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]) -> list[Any]:
+        return [f.get_db_prep_save(fresh[f.name], connection) for f in self.fields]
+
+    def run(
+        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+    ) -> tuple[bool, tuple[Any, str, Record] | None]:
+        """Any other backend: a plain INSERT whose unique violation means the claim was lost."""
+        savepoint: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if connection.in_atomic_block:
+            # Inside an outer transaction a failed INSERT would poison it on PostgreSQL-like
+            # backends; a savepoint contains the IntegrityError.
+            savepoint = transaction.atomic(using=connection.alias)
+        try:
+            with savepoint, connection.cursor() as cursor:
+                cursor.execute(self.sql, self.params(connection, fresh))
+        except IntegrityError:
+            return False, None
+        return True, None
+
+    def holder(
+        self, connection: BaseDatabaseWrapper, row: Sequence[Any]
+    ) -> tuple[Any, str, Record]:
+        pk, token, *raw = row
+        values = []
+        for value, (col, converters) in zip(raw, self.converters, strict=True):
+            for converter in converters:
+                value = converter(value, col, connection)
+            values.append(value)
+        return pk, str(token), _to_record(values)
+
+
+class _PostgresClaim(_ClaimStatement):
+    """One statement for both outcomes: insert, or return the holder.
+
+    The SELECT of the holder sees the snapshot the statement started with, so a holder that
+    committed while the statement waited for it is not seen: the caller then reads it (rare,
+    and only under a race). ``relaxed`` evaluates ``set_config(..., true)`` inside the
+    statement, so ``synchronous_commit = off`` holds for this statement's own transaction only.
+    """
+
+    def statement(self, relaxed: bool) -> str:
+        relax = "set_config('synchronous_commit', 'off', true) IS NOT NULL" if relaxed else "TRUE"
+        nulls = ", ".join(["NULL"] * (1 + len(_RECORD_FIELDS)))
+        return (
+            f"WITH claim AS (INSERT INTO {self.table} ({self.columns}) "
+            f"SELECT {self.placeholders} WHERE {relax} "
+            f"ON CONFLICT ({self.unique}) DO NOTHING RETURNING {self.pk}) "
+            f"SELECT 1, {self.pk}, {nulls} FROM claim UNION ALL "
+            f"SELECT 0, {self.pk}, {self.holder_columns} FROM {self.table} "
+            f"WHERE {self.scope} = %s AND {self.key_hash} = %s "
+            f"AND NOT EXISTS (SELECT 1 FROM claim)"
+        )
+
+    def run(
+        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+    ) -> tuple[bool, tuple[Any, str, Record] | None]:
+        params = [*self.params(connection, fresh), fresh["scope"], fresh["key_hash"]]
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return False, None
+        if row[0] == 1:
+            return True, None
+        return False, self.holder(connection, row[1:])
+
+
+class _MariaDBClaim(_ClaimStatement):
+    """A duplicate key "updates" the row to itself, and RETURNING hands back the holder.
+
+    Comparing the returned token with ours tells who won. Not ``INSERT IGNORE``, which would
+    also turn a too-long scope into a silently truncated, shared one. MariaDB has no per-
+    transaction durability switch (``innodb_flush_log_at_trx_commit`` is global), so
+    ``relaxed`` changes nothing here.
+    """
+
+    def statement(self, relaxed: bool) -> str:
+        return (
+            f"INSERT INTO {self.table} ({self.columns}) VALUES ({self.placeholders}) "
+            f"ON DUPLICATE KEY UPDATE {self.pk} = {self.pk} "
+            f"RETURNING {self.pk}, {self.holder_columns}"
+        )
+
+    def run(
+        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+    ) -> tuple[bool, tuple[Any, str, Record] | None]:
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, self.params(connection, fresh))
+            row = cursor.fetchone()
+        if row is None:
+            return False, None
+        if row[1] == fresh["owner_token"]:
+            return True, None
+        return False, self.holder(connection, row)
+
+
+class _SQLiteClaim(_ClaimStatement):
+    """``ON CONFLICT DO NOTHING``; SQLite cannot return the holder, so a lost claim reads it."""
+
+    def statement(self, relaxed: bool) -> str:
+        return f"{super().statement(relaxed)} ON CONFLICT ({self.unique}) DO NOTHING"
+
+    def run(
+        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+    ) -> tuple[bool, tuple[Any, str, Record] | None]:
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, self.params(connection, fresh))
+            return cursor.rowcount == 1, None
 
 
 @dataclass

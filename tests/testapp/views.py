@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.template.response import TemplateResponse
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
@@ -28,6 +29,11 @@ HOOKS: list[Callable[[], None]] = []
 #: Run after the payment row is written, before the view returns.
 AFTER_WRITE: list[Callable[[], None]] = []
 _lock = threading.Lock()
+
+
+#: Returned by ``perform`` for the "unrenderable" step: each entry point then answers with a
+#: response that fails when it is rendered, after the payment row was written.
+UNRENDERABLE = HttpResponse(status=599)
 
 
 def next_step() -> str:
@@ -76,12 +82,16 @@ def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpRespo
         return StreamingHttpResponse(iter([b"chunk-1,", b"chunk-2"]), status=201)
     if step == "big":
         return HttpResponse(b"x" * (2 * 1024 * 1024), status=201, content_type="text/plain")
+    if step == "unrenderable":
+        return UNRENDERABLE
     headers = {"Location": f"/payments/{payment.pk}/", "ETag": f'"payment-{payment.pk}"'}
     return status.HTTP_201_CREATED, serializer.data, headers
 
 
 def drf_response(request: Request) -> HttpResponse | Response:
     result = perform(request.user, request.data)
+    if result is UNRENDERABLE:
+        return Response({"payment": object()}, status=201)
     if isinstance(result, HttpResponse | StreamingHttpResponse):
         return result
     code, payload, headers = result
@@ -154,6 +164,8 @@ def _django_response(request: HttpRequest) -> HttpResponse:
         result = perform(request.user, data)
     except serializers.ValidationError as exc:
         return JsonResponse(exc.detail, status=400, safe=False)
+    if result is UNRENDERABLE:
+        return TemplateResponse(request, "testapp/missing.html", status=201)
     if isinstance(result, HttpResponse | StreamingHttpResponse):
         return result
     code, payload, headers = result
