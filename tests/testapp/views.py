@@ -149,7 +149,10 @@ def required_api_view(request: Request) -> Any:
 
 
 def _django_response(request: HttpRequest) -> HttpResponse:
-    data = json.loads(request.body or b"{}")
+    if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        data: Any = request.POST.dict()
+    else:
+        data = json.loads(request.body or b"{}")
     try:
         result = perform(request.user, data)
     except serializers.ValidationError as exc:
