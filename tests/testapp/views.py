@@ -152,7 +152,10 @@ def _django_response(request: HttpRequest) -> HttpResponse:
     if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         data: Any = request.POST.dict()
     else:
-        data = json.loads(request.body or b"{}")
+        try:
+            data = json.loads(request.body or b"{}")
+        except ValueError:
+            return JsonResponse({"detail": "invalid JSON"}, status=400)
     try:
         result = perform(request.user, data)
     except serializers.ValidationError as exc:
