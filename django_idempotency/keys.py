@@ -42,7 +42,14 @@ def parse_key(raw: str, *, strict: bool = False, min_length: int = 1, max_length
 
 
 def _parse_sf_string(value: str) -> str:
-    # RFC 8941 §4.2.5: a DQUOTE-delimited run of printable ASCII where only \" and \\ are escapes.
+    """The string of a structured-field item, without its parameters.
+
+    RFC 9651 §4.2.5: a DQUOTE-delimited run of printable ASCII whose only escapes are a
+    backslash before a DQUOTE or a backslash.
+    An Item may carry parameters (``"abc";x=1``, §3.1.2). They are checked for syntax, then
+    ignored: the key is the string alone, so a client or proxy that annotates the header still
+    names the same key, while anything that is not one well-formed item is still refused.
+    """
     out: list[str] = []
     i = 1
     while i < len(value):
@@ -54,14 +61,92 @@ def _parse_sf_string(value: str) -> str:
             i += 2
             continue
         if c == '"':
-            if i != len(value) - 1:
-                raise KeyInvalid("The Idempotency-Key header must hold exactly one string.")
+            _skip_parameters(value, i + 1)
             return "".join(out)
         if not 0x20 <= ord(c) <= 0x7E:
             raise KeyInvalid("The idempotency key must be printable ASCII.")
         out.append(c)
         i += 1
     raise KeyInvalid("The quoted Idempotency-Key is not terminated.")
+
+
+_ONE_STRING = "The Idempotency-Key header must hold exactly one string."
+_KEY_FIRST = frozenset("abcdefghijklmnopqrstuvwxyz*")
+_KEY_REST = _KEY_FIRST | frozenset("0123456789_-.")
+_TOKEN_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz*")
+# tchar (RFC 9110 §5.6.2) plus ":" and "/" (RFC 9651 §3.3.4).
+_TOKEN_REST = _TOKEN_FIRST | frozenset("0123456789!#$%&'+-.^_`|~:/")
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+_DIGITS = frozenset("0123456789")
+
+
+def _skip_parameters(value: str, i: int) -> None:
+    # RFC 9651 §4.2.3.2: *( ";" *SP key [ "=" bare-item ] ), then nothing but the end of the field
+    # (trailing whitespace was stripped with the leading one).
+    while i < len(value):
+        if value[i] != ";":
+            raise KeyInvalid(_ONE_STRING)
+        i += 1
+        while i < len(value) and value[i] == " ":
+            i += 1
+        if i >= len(value) or value[i] not in _KEY_FIRST:
+            raise KeyInvalid("A parameter of the Idempotency-Key has an invalid name.")
+        while i < len(value) and value[i] in _KEY_REST:
+            i += 1
+        if i < len(value) and value[i] == "=":
+            i = _skip_bare_item(value, i + 1)
+
+
+def _skip_bare_item(value: str, i: int) -> int:
+    """Index just past the bare item at ``value[i]`` (RFC 9651 §4.2.3.1)."""
+    bad = KeyInvalid("A parameter of the Idempotency-Key has an invalid value.")
+    rest = value[i:]
+    if rest.startswith(('"', '%"')):  # string, display string
+        j = i + (1 if rest[0] == '"' else 2)
+        while j < len(value):
+            if value[j] == "\\" and rest[0] == '"':
+                if j + 1 >= len(value) or value[j + 1] not in '"\\':
+                    raise bad
+                j += 2
+            elif value[j] == '"':
+                return j + 1
+            elif not 0x20 <= ord(value[j]) <= 0x7E:
+                raise bad
+            else:
+                j += 1
+        raise bad
+    if rest.startswith("?"):  # boolean
+        if rest[1:2] not in ("0", "1"):
+            raise bad
+        return i + 2
+    if rest.startswith(":"):  # byte sequence
+        end = value.find(":", i + 1)
+        if end < 0 or any(c not in _BASE64 for c in value[i + 1 : end]):
+            raise bad
+        return end + 1
+    if rest[:1] and rest[0] in _TOKEN_FIRST:  # token
+        j = i + 1
+        while j < len(value) and value[j] in _TOKEN_REST:
+            j += 1
+        return j
+    j = i + 1 if rest.startswith("@") else i  # a date is an integer after "@"
+    if value[j : j + 1] == "-":
+        j += 1
+    start = j
+    while j < len(value) and (value[j] in _DIGITS or value[j] == "."):
+        j += 1
+    number = value[start:j]
+    whole, _, fraction = number.partition(".")
+    if (
+        not whole
+        or any(c not in _DIGITS for c in whole)
+        or any(c not in _DIGITS for c in fraction)
+        or ("." in number and (not fraction or len(whole) > 12 or len(fraction) > 3))
+        or ("." not in number and len(whole) > 15)
+        or (rest.startswith("@") and "." in number)
+    ):
+        raise bad
+    return j
 
 
 def hash_key(scope: str, key: str) -> str:

@@ -219,9 +219,18 @@ class IdempotencySchemaMixin:
         response = responses.setdefault(str(status), {"description": ""})
         description = response.get("description", "")
         response["description"] = f"{description} {titles}".strip() if description else titles
-        response.setdefault("content", {})[PROBLEM_CONTENT_TYPE] = {
-            "schema": ref,
-            "examples": {e.code: problem_example(e) for e in errors},
+        # A view that answers its own problem with this status (an out-of-stock 409, say) keeps
+        # its examples beside the layer's, and its schema when that is not the layer's too.
+        content = response.setdefault("content", {})
+        documented = content.get(PROBLEM_CONTENT_TYPE) or {}
+        schema = documented.get("schema")
+        content[PROBLEM_CONTENT_TYPE] = {
+            # anyOf, not oneOf: a document of the view's may well match the layer's schema too.
+            "schema": ref if schema in (None, ref) else {"anyOf": [ref, schema]},
+            "examples": {
+                **(documented.get("examples") or {}),
+                **{e.code: problem_example(e) for e in errors},
+            },
         }
         headers = response.setdefault("headers", {})
         headers.setdefault("Cache-Control", {"schema": {"type": "string", "enum": ["no-store"]}})

@@ -31,9 +31,10 @@ REPO = HERE.parent
 DEFAULT_VENV = HERE / ".venv"
 MINIMUM_PYTHON = (3, 10)
 # What each backend needs on top of the package itself.
+# The openapi extra (drf-spectacular and its sidecar) serves /api/schema/ and /api/docs/.
 REQUIREMENTS = {
-    "sqlite": ["-e", f"{REPO}"],
-    "production": ["-e", f"{REPO}[redis]", "psycopg[binary]>=3.1"],
+    "sqlite": ["-e", f"{REPO}[openapi]"],
+    "production": ["-e", f"{REPO}[redis,openapi]", "psycopg[binary]>=3.1"],
 }
 STAMP_NAME = ".example-installed.json"
 

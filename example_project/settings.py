@@ -45,6 +45,10 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    # The OpenAPI schema at /api/schema/ and Swagger UI at /api/docs/; the sidecar serves Swagger
+    # UI's files from this site instead of a CDN, so the page works offline too.
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_idempotency",
     "example_project.shop",
 ]
@@ -90,6 +94,19 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # drf-spectacular's AutoSchema plus the Idempotency-Key header and the problem responses.
+    "DEFAULT_SCHEMA_CLASS": "django_idempotency.openapi.IdempotencyAutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "django-idempotency example shop",
+    "DESCRIPTION": "Payments, orders and registration that are safe to retry with an "
+    "Idempotency-Key header.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 DATABASES: dict[str, dict[str, Any]]

@@ -113,3 +113,56 @@ def _upload(content: bytes) -> Any:
     from django.core.files.uploadedfile import SimpleUploadedFile
 
     return SimpleUploadedFile("a.txt", content)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '"abc";x=1',
+        '"abc";x',
+        '"abc";x=?0;y=tok/en:1;z="s\\"q"',
+        '"abc"; a=-1.5;b=:YWJj:;c=@1700000000;d=%"caf%c3%a9"',
+        '"abc";*k.1_-=*tok',
+    ],
+)
+def test_sf_string_parameters_are_accepted_and_ignored(raw: str, strict: bool) -> None:
+    # RFC 9651 §3.1.2 allows parameters on any Item: they do not change which key is named.
+    assert parse_key(raw, strict=strict) == "abc"
+    assert hash_key("s", parse_key(raw, strict=strict)) == hash_key("s", parse_key('"abc"'))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '"abc";',  # a parameter without a name
+        '"abc";X=1',  # names are lowercase
+        '"abc";1x=1',
+        '"abc" ;x=1',  # no space before ";"
+        '"abc";x=',  # "=" without a value
+        '"abc";x=1, "def"',  # a list, not one item
+        '"abc";x="open',
+        '"abc";x=?2',
+        '"abc";x=:not base64!:',
+        '"abc";x=1.2345',
+        '"abc";x=1 y',
+        '"abc";x=\x01',
+    ],
+)
+def test_malformed_sf_string_parameters_are_refused(raw: str) -> None:
+    for strict in (False, True):
+        with pytest.raises(KeyInvalid):
+            parse_key(raw, strict=strict)
+
+
+@pytest.mark.django_db
+def test_keys_differing_only_in_parameters_replay_one_result(client: Any) -> None:
+    from tests.behaviour import ENTRIES, send
+
+    for entry in ENTRIES:
+        first = send(client, entry.url, key=f'"pk-{entry}";v=1')
+        again = send(client, entry.url, key=f'"pk-{entry}";v=2;trace="x"')
+        assert first.status_code == 201, entry
+        assert again.status_code == 201, entry
+        assert again["Idempotent-Replayed"] == "true", entry
+        assert again.content == first.content, entry

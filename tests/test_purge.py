@@ -687,3 +687,33 @@ def test_claims_keep_working_while_a_purge_runs() -> None:
     assert rows == {(scope, h, State.IN_FLIGHT.value, NOW + HOUR) for scope, h in wanted}
     # Every expired record went, either deleted by the purge or taken over by a claim.
     assert 1500 + 300 <= purged[0] <= 1500 + 600
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("batch_size", [3, 1000])
+def test_dry_run_reports_exactly_what_the_real_run_deletes(batch_size: int) -> None:
+    # Crashed claims that are also expired match both conditions: the expired pass owns them.
+    both = make(7, expires_at=NOW - HOUR, state=State.IN_FLIGHT, lease_expires_at=NOW - 3 * HOUR)
+    expired = make(5, expires_at=NOW - HOUR)
+    stale = make(4, expires_at=NOW + HOUR, state=State.IN_FLIGHT, lease_expires_at=NOW - 3 * HOUR)
+    live = make(3, expires_at=NOW + HOUR)
+    running = make(2, expires_at=NOW + HOUR, state=State.IN_FLIGHT, lease_expires_at=NOW + LEASE)
+    args = ("--stale-in-flight", "2h", "--batch-size", str(batch_size))
+    batches = {3: "6 batches", 1000: "2 batches"}[batch_size]
+
+    dry = normalise(run(*args, "--dry-run"))
+    assert remaining() == set(both + expired + stale + live + running)
+    real = normalise(run(*args))
+
+    assert (
+        dry == f"Dry run: would delete 16 idempotency keys (4 stale in flight) in {batches} (T).\n"
+    )
+    assert real == f"Deleted 16 idempotency keys (4 stale in flight) in {batches} (T).\n"
+    assert remaining() == set(live + running)
+
+    store = DatabaseStorage()
+    make(2, expires_at=NOW - HOUR, state=State.IN_FLIGHT, lease_expires_at=NOW - 3 * HOUR)
+    counted = store.purge_expired(now=NOW, stale_in_flight=2 * HOUR, dry_run=True)
+    deleted = store.purge_expired(now=NOW, stale_in_flight=2 * HOUR)
+    assert (counted.deleted, counted.stale_in_flight, counted.batches) == (2, 0, 1)
+    assert (deleted.deleted, deleted.stale_in_flight, deleted.batches) == (2, 0, 1)

@@ -249,10 +249,13 @@ class DatabaseStorage(BaseStorage):
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        passes: list[tuple[str, Q]] = [("expired", Q(expires_at__lte=now - older_than))]
+        expired = Q(expires_at__lte=now - older_than)
+        passes: list[tuple[str, Q]] = [("expired", expired)]
         if stale_in_flight is not None:
+            # A crashed claim that is also expired belongs to the expired pass. A real run has
+            # deleted it before this pass; a dry run has not, and would count it a second time.
             stale = Q(state=State.IN_FLIGHT.value, lease_expires_at__lte=now - stale_in_flight)
-            passes.append(("stale_in_flight", stale))
+            passes.append(("stale_in_flight", stale & ~expired))
         tally = _PurgeTally(started=time.monotonic())
         try:
             for kind, condition in passes:

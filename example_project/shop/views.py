@@ -20,13 +20,21 @@ from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
-from rest_framework import status, viewsets
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiResponse,
+    extend_schema,
+    inline_serializer,
+)
+from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from django_idempotency import IdempotencyMixin, idempotent
+from django_idempotency.openapi import PROBLEM_COMPONENT
+from django_idempotency.responses import PROBLEM_CONTENT_TYPE
 from example_project.shop.demo_data import page_context
 from example_project.shop.models import Order, Payment, Product
 from example_project.shop.notifications import send_order_confirmation
@@ -48,6 +56,8 @@ class PaymentViewSet(IdempotencyMixin, viewsets.ModelViewSet):
     serializer_class = PaymentSerializer
 
     def get_queryset(self) -> QuerySet[Payment]:
+        if getattr(self, "swagger_fake_view", False):  # drf-spectacular builds the schema
+            return Payment.objects.none()
         # Each user sees only their own payments, just as each user has their own keys.
         payments = Payment.objects.filter(user=self.request.user)
         reference = self.request.query_params.get("reference")
@@ -59,6 +69,28 @@ class PaymentViewSet(IdempotencyMixin, viewsets.ModelViewSet):
         serializer.save(user=self.request.user)
 
 
+#: The shop's own problem: answered as RFC 9457 problem details, like the idempotency layer's.
+OUT_OF_STOCK = {
+    "type": "https://example.com/shop/problems/out-of-stock",
+    "title": "Out of stock",
+    "status": status.HTTP_409_CONFLICT,
+    "detail": "Not enough stock for this order; a retry checks the stock again.",
+}
+
+
+@extend_schema(
+    request=OrderRequestSerializer,
+    responses={
+        201: OrderSerializer,
+        404: OpenApiResponse(description="Unknown product."),
+        (409, PROBLEM_CONTENT_TYPE): OpenApiResponse(
+            # The same problem-details shape as the idempotency layer's own 409s.
+            response={"$ref": f"#/components/schemas/{PROBLEM_COMPONENT}"},
+            description="Out of stock (not stored: a retry with the key checks the stock again).",
+            examples=[OpenApiExample("out-of-stock", value=OUT_OF_STOCK, status_codes=["409"])],
+        ),
+    },
+)
 @api_view(["POST"])
 @idempotent
 def create_order(request: Request) -> Response:
@@ -79,7 +111,9 @@ def create_order(request: Request) -> Response:
         )
         if not taken:
             # 409 is not stored: a retry checks the stock again.
-            return Response({"detail": "Out of stock."}, status=status.HTTP_409_CONFLICT)
+            return Response(
+                OUT_OF_STOCK, status=OUT_OF_STOCK["status"], content_type=PROBLEM_CONTENT_TYPE
+            )
         order = Order.objects.create(
             user=request.user, product=Product.objects.get(sku=sku), quantity=quantity
         )
@@ -98,6 +132,19 @@ def create_order(request: Request) -> Response:
     return Response(data, status=status.HTTP_201_CREATED)
 
 
+@extend_schema(
+    request=RegistrationSerializer,
+    responses={
+        201: inline_serializer(
+            "RegisteredUser",
+            {
+                "id": serializers.IntegerField(),
+                "username": serializers.CharField(),
+                "email": serializers.EmailField(),
+            },
+        )
+    },
+)
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])

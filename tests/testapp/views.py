@@ -159,7 +159,13 @@ def required_api_view(request: Request) -> Any:
 
 
 def _django_response(request: HttpRequest) -> HttpResponse:
-    data = json.loads(request.body or b"{}")
+    if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        data: Any = request.POST.dict()
+    else:
+        try:
+            data = json.loads(request.body or b"{}")
+        except ValueError:
+            return JsonResponse({"detail": "invalid JSON"}, status=400)
     try:
         result = perform(request.user, data)
     except serializers.ValidationError as exc:
