@@ -28,8 +28,7 @@ from typing import Any
 
 from django.db import Error, IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F, Field, Q
-from django.db.models.functions import Greatest
+from django.db.models import Field, Q
 
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
@@ -133,15 +132,8 @@ class DatabaseStorage(BaseStorage):
         return statement
 
     def _read(self, scope: str, key_hash: str) -> tuple[Any, str, Record] | None:
-        row = (
-            self._objects.filter(scope=scope, key_hash=key_hash)
-            .values_list("pk", "owner_token", *_RECORD_FIELDS)
-            .first()
-        )
-        if row is None:
-            return None
-        pk, old_token, *values = row
-        return pk, old_token, _to_record(values)
+        connection = connections[self.using]
+        return self._statement(connection).read(connection, scope, key_hash)
 
     def _take_over(
         self,
@@ -173,18 +165,18 @@ class DatabaseStorage(BaseStorage):
         now: datetime,
         min_retention: timedelta = timedelta(0),
     ) -> bool:
-        values: dict[str, object] = {"expires_at": Greatest(F("expires_at"), now + min_retention)}
+        stored: tuple[Any, ...]
         if response is None:
-            values["state"] = State.UNAVAILABLE.value
+            state, stored = State.UNAVAILABLE.value, (None, [], None)
         else:
-            values.update(
-                state=State.COMPLETED.value,
-                response_status=response.status,
-                response_headers=[list(h) for h in response.headers],
-                response_body=response.body,
-            )
+            headers = [list(h) for h in response.headers]
+            state, stored = State.COMPLETED.value, (response.status, headers, response.body)
         try:
-            return bool(self._owned(scope, key_hash, token).update(**values))
+            connection = connections[self.using]
+            statement = self._statement(connection)
+            return statement.complete(
+                connection, scope, key_hash, token, state, stored, now + min_retention
+            )
         except Error as exc:
             raise StoreError(f"complete failed: {exc.__class__.__name__}") from exc
 
@@ -380,6 +372,24 @@ class _ClaimStatement:
                 (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
             )
         self.sql = self.statement(relaxed)
+        # The hot statements after the claim, built once rather than compiled by the ORM on each
+        # request: reading the holder of a lost claim, and storing the result.
+        self.read_sql = (
+            f"SELECT {self.pk}, {self.holder_columns} FROM {self.table} "
+            f"WHERE {self.scope} = %s AND {self.key_hash} = %s"
+        )
+        self.stored_fields = tuple(
+            column(name) for name in ("response_status", "response_headers", "response_body")
+        )
+        greatest = "MAX" if connection.vendor == "sqlite" else "GREATEST"
+        expires = qn(str(column("expires_at").column))
+        owned = f"{self.scope} = %s AND {self.key_hash} = %s AND {qn('owner_token')} = %s"
+        self.complete_sql = (
+            f"UPDATE {self.table} SET {qn('state')} = %s, "
+            + "".join(f"{qn(str(f.column))} = %s, " for f in self.stored_fields)
+            + f"{expires} = {greatest}({expires}, %s) WHERE {owned} AND {qn('state')} = %s"
+        )
+        self.expires_field = column("expires_at")
 
     @staticmethod
     def build(connection: BaseDatabaseWrapper, relaxed: bool) -> _ClaimStatement:
@@ -413,6 +423,38 @@ class _ClaimStatement:
         except IntegrityError:
             return False, None
         return True, None
+
+    def read(
+        self, connection: BaseDatabaseWrapper, scope: str, key_hash: str
+    ) -> tuple[Any, str, Record] | None:
+        with connection.cursor() as cursor:
+            cursor.execute(self.read_sql, [scope, key_hash])
+            row = cursor.fetchone()
+        return None if row is None else self.holder(connection, row)
+
+    def complete(
+        self,
+        connection: BaseDatabaseWrapper,
+        scope: str,
+        key_hash: str,
+        token: str,
+        state: str,
+        stored: tuple[Any, ...],
+        keep_until: datetime,
+    ) -> bool:
+        values = zip(self.stored_fields, stored, strict=True)
+        params = [
+            state,
+            *(f.get_db_prep_save(value, connection) for f, value in values),
+            self.expires_field.get_db_prep_save(keep_until, connection),
+            scope,
+            key_hash,
+            token,
+            State.IN_FLIGHT.value,
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(self.complete_sql, params)
+            return bool(cursor.rowcount)
 
     def holder(
         self, connection: BaseDatabaseWrapper, row: Sequence[Any]
