@@ -4,6 +4,11 @@
 ``IDEMPOTENCY_TEST_STORE``: ``db`` (default) or ``redis`` (the cache store on a real Redis).
 ``IDEMPOTENCY_TEST_REQUIRE_SERVICES=1``: a backend that does not answer fails the run instead of
 skipping it (``.ci/run`` sets it).
+
+Servers: ``PGHOST``/``PGPORT``, ``MYSQL_HOST``/``MYSQL_PORT``, ``IDEMPOTENCY_TEST_REDIS_URL``. A
+host may be a Unix socket instead, as each client spells it: ``PGHOST=/var/run/postgresql`` (the
+directory), ``MYSQL_HOST=/run/mysqld/mysqld.sock`` (the file), ``unix:///run/redis.sock?db=15``.
+``tests/backends.py`` probes the same addresses, so a backend is never skipped for a socket.
 """
 
 from __future__ import annotations
