@@ -199,6 +199,23 @@ def stage(destination: Path) -> None:
     )
 
 
+def _into_stage(arg: str) -> str:
+    """``arg`` made to name the staged copy when it names a file of this checkout's tests/.
+
+    tox rewrites a path given after ``--`` relative to the env's directory, so
+    ``tox -e ENV -- tests/test_keys.py`` arrives here as ``../../../tests/test_keys.py``: the
+    checkout's file, which pytest refuses next to the staged conftest of the same name.
+    """
+    path, sep, node = arg.partition("::")
+    if not path or path.startswith("-"):
+        return arg
+    source = Path(__file__).resolve().parent
+    candidate = Path(path).resolve()
+    if candidate != source and not candidate.is_relative_to(source):
+        return arg
+    return str(Path("tests") / candidate.relative_to(source)) + sep + node
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "stage":
         stage(Path(argv[1]))
@@ -209,7 +226,8 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) >= 4 and argv[0] == "run" and argv[2] == "--":
         env = {**os.environ, **BACKENDS[backend_of(argv[1])].env}
-        return subprocess.run(argv[3:], env=env, check=False).returncode  # noqa: S603
+        command = [_into_stage(arg) for arg in argv[3:]]
+        return subprocess.run(command, env=env, check=False).returncode  # noqa: S603
     print(__doc__, file=sys.stderr)
     return 2
 
