@@ -136,7 +136,7 @@ def test_mixin_and_decorator_do_not_claim_twice() -> None:
 
     calls = []
 
-    class Both(IdempotencyMixin, viewsets.ViewSet):
+    class Both(IdempotencyMixin, viewsets.ViewSet):  # type: ignore[misc]  # hooks wider than APIView's
         @action(detail=False, methods=["post"])
         @idempotent
         def go(self, request: Any) -> Response:

@@ -182,7 +182,7 @@ def build_views() -> types.SimpleNamespace:
     class ErrorSerializer(serializers.Serializer):
         amount = serializers.ListField(child=serializers.CharField())
 
-    class PutOnlyView(IdempotencyMixin, APIView):
+    class PutOnlyView(IdempotencyMixin, APIView):  # type: ignore[misc]  # hooks wider than APIView's
         """Replaces a payment."""
 
         idempotency_methods = ("PUT",)
@@ -195,7 +195,7 @@ def build_views() -> types.SimpleNamespace:
         def post(self, request: Request) -> Response:
             return Response({})
 
-    class DocumentedView(IdempotencyMixin, APIView):
+    class DocumentedView(IdempotencyMixin, APIView):  # type: ignore[misc]  # hooks wider than APIView's
         idempotency_store_server_errors = True
 
         @extend_schema(
@@ -210,7 +210,7 @@ def build_views() -> types.SimpleNamespace:
         def post(self, request: Request) -> Response:
             return Response({})
 
-    class HiddenView(IdempotencyMixin, APIView):
+    class HiddenView(IdempotencyMixin, APIView):  # type: ignore[misc]  # hooks wider than APIView's
         @extend_schema(exclude=True)
         def post(self, request: Request) -> Response:
             return Response({})

@@ -72,7 +72,7 @@ def _closed_port() -> int:
     return port
 
 
-def _use_cache(settings: Any, backend: str, location: str, **extra: Any) -> None:
+def _use_cache(settings: Any, backend: str, location: str | list[str], **extra: Any) -> None:
     settings.CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
         "idem": {"BACKEND": backend, "LOCATION": location, **extra},
@@ -282,7 +282,7 @@ def test_values_are_json_not_pickle(store: CacheStorage, raw: redis.Redis) -> No
         StoredResponse(201, (("Content-Type", "image/png"),), body),
         now=_now(),
     )
-    fields = raw.hgetall(store.cache_key(SCOPE, "k"))
+    fields: dict[bytes, bytes] = raw.hgetall(store.cache_key(SCOPE, "k"))  # type: ignore[assignment]
     assert all(not value.startswith(b"\x80") for value in fields.values())  # pickle protocol 2+
     assert fields[b"state"] == b"completed"
     assert fields[b"fingerprint"] == b"fp-1"

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 from django.contrib.auth import get_user
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+    StreamingHttpResponse,
+)
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
@@ -47,7 +54,7 @@ class PaymentSerializer(serializers.ModelSerializer):
         return value
 
 
-def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpResponse:
+def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpResponseBase:
     """Create a payment; returns (status, payload, headers) or a finished special response."""
     step = next_step()
     if DELAY:
@@ -81,9 +88,9 @@ def perform(user: Any, data: Any) -> tuple[int, Any, dict[str, str]] | HttpRespo
     return status.HTTP_201_CREATED, serializer.data, headers
 
 
-def drf_response(request: Request) -> HttpResponse | Response:
+def drf_response(request: Request) -> HttpResponseBase:
     result = perform(request.user, request.data)
-    if isinstance(result, HttpResponse | StreamingHttpResponse):
+    if isinstance(result, HttpResponseBase):
         return result
     code, payload, headers = result
     response = Response(payload, status=code, headers=headers)
@@ -91,7 +98,7 @@ def drf_response(request: Request) -> HttpResponse | Response:
     return response
 
 
-class PaymentAPIView(IdempotencyMixin, APIView):
+class PaymentAPIView(IdempotencyMixin, APIView):  # type: ignore[misc]  # hooks wider than APIView's
     def post(self, request: Request) -> Any:
         return drf_response(request)
 
@@ -106,7 +113,7 @@ class RequiredPaymentAPIView(PaymentAPIView):
     idempotency_required = True
 
 
-class PaymentViewSet(IdempotencyMixin, viewsets.GenericViewSet):
+class PaymentViewSet(IdempotencyMixin, viewsets.GenericViewSet):  # type: ignore[misc]  # hooks wider than APIView's
     queryset = Payment.objects.all()
     serializer_class = PaymentSerializer
 
@@ -149,13 +156,13 @@ def required_api_view(request: Request) -> Any:
     return drf_response(request)
 
 
-def _django_response(request: HttpRequest) -> HttpResponse:
+def _django_response(request: HttpRequest) -> HttpResponseBase:
     data = json.loads(request.body or b"{}")
     try:
         result = perform(request.user, data)
     except serializers.ValidationError as exc:
         return JsonResponse(exc.detail, status=400, safe=False)
-    if isinstance(result, HttpResponse | StreamingHttpResponse):
+    if isinstance(result, HttpResponseBase):
         return result
     code, payload, headers = result
     response = JsonResponse(payload, status=code, headers=headers)
@@ -164,19 +171,19 @@ def _django_response(request: HttpRequest) -> HttpResponse:
 
 
 @idempotent
-def payment_django_view(request: HttpRequest) -> HttpResponse:
+def payment_django_view(request: HttpRequest) -> HttpResponseBase:
     if request.method == "GET":
         return JsonResponse({"count": Payment.objects.count()})
     return _django_response(request)
 
 
 @idempotent
-async def payment_async_view(request: HttpRequest) -> HttpResponse:
+async def payment_async_view(request: HttpRequest) -> HttpResponseBase:
     from asgiref.sync import sync_to_async
 
     if request.method == "GET":
         return JsonResponse({"count": await Payment.objects.acount()})
     # get_user, not request.auser(): that arrived in Django 5.0 and the suite runs on 4.2.
     user = await sync_to_async(get_user)(request)
-    request.user = user  # type: ignore[assignment]
+    request.user = user
     return await sync_to_async(_django_response)(request)
