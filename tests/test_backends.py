@@ -148,3 +148,29 @@ def test_the_mariadb_suite_connects_over_the_socket() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"connected 1 {MYSQL_SOCKET}"
+
+
+def test_the_installed_package_guard_refuses_a_package_outside_site_packages(
+    tmp_path: Path,
+) -> None:
+    """tox sets IDEMPOTENCY_TEST_INSTALLED_PACKAGE=1: a checkout first on the path must stop it."""
+    shadow = tmp_path / "django_idempotency"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    tests_parent = Path(__file__).parent.parent
+    env = dict(
+        os.environ,
+        IDEMPOTENCY_TEST_INSTALLED_PACKAGE="1",
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(tests_parent)]),
+    )
+    result = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", "import tests.settings"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"django_idempotency comes from {shadow.resolve()}/__init__.py" in result.stderr
