@@ -17,37 +17,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import venv
 from pathlib import Path
-from urllib.parse import urlsplit
+
+from tests.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("IDEMPOTENCY_VENV", ROOT / ".venv"))
 EXTRAS = os.environ.get("IDEMPOTENCY_EXTRAS", "test")
 
-# name: (environment, servers that must answer, pytest arguments)
-MAIN = ["--ignore=tests/example"]
-EXAMPLE = ["-p", "no:randomly", "--ds=tests.example.settings", "tests/example"]
-# The same variables tests/settings.py reads, so both agree on where each server is.
-PG = (os.environ.get("PGHOST", "127.0.0.1"), int(os.environ.get("PGPORT", "5432")))
-MARIADB = (os.environ.get("MYSQL_HOST", "127.0.0.1"), int(os.environ.get("MYSQL_PORT", "3306")))
-_redis = urlsplit(os.environ.get("IDEMPOTENCY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
-REDIS = (_redis.hostname or "127.0.0.1", _redis.port or 6379)
-BACKENDS: dict[str, tuple[dict[str, str], list[tuple[str, int]], list[str]]] = {
-    "sqlite": ({"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "db"}, [], MAIN),
-    "postgres": ({"IDEMPOTENCY_TEST_DB": "postgres", "IDEMPOTENCY_TEST_STORE": "db"}, [PG], MAIN),
-    "mariadb": (
-        {"IDEMPOTENCY_TEST_DB": "mariadb", "IDEMPOTENCY_TEST_STORE": "db"},
-        [MARIADB],
-        MAIN,
-    ),
-    "redis": ({"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "redis"}, [REDIS], MAIN),
-    # The example project's own tests, with its own settings: SQLite, then PostgreSQL + Redis.
-    "example": ({"EXAMPLE_BACKEND": "sqlite"}, [], EXAMPLE),
-    "example-production": ({"EXAMPLE_BACKEND": "production"}, [PG, REDIS], EXAMPLE),
+# The example project's tests run with their own settings, in a fixed order.
+PYTEST_ARGS = {
+    "main": ["--ignore=tests/example"],
+    "example": ["-p", "no:randomly", "--ds=tests.example.settings", "tests/example"],
 }
 
 
@@ -74,17 +58,6 @@ def ensure_venv() -> None:
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
-def missing(addresses: list[tuple[str, int]]) -> list[str]:
-    down = []
-    for address in addresses:
-        try:
-            with socket.create_connection(address, timeout=2):
-                pass
-        except OSError:
-            down.append(f"{address[0]}:{address[1]}")
-    return down
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", action="append", choices=sorted(BACKENDS))
@@ -107,23 +80,23 @@ def main() -> int:
     results: dict[str, str] = {}
     complete = selected == list(BACKENDS)
     for name in selected:
-        env_vars, addresses, pytest_args = BACKENDS[name]
-        down = missing(addresses)
+        backend = BACKENDS[name]
+        down = backend.missing()
         if down:
             complete = False
             verdict = "FAILED" if required else "skipped"
-            print(f"\nruntests: {name}: nothing answers at {', '.join(down)}; tests {verdict}")
-        env = {**os.environ, **env_vars, "PYTHONPATH": str(ROOT)}
+            print(f"\nruntests: {name}: nothing answers ({', '.join(down)}); tests {verdict}")
+        env = {**os.environ, **backend.env, "PYTHONPATH": str(ROOT)}
         runner = [python, "-m", "pytest"]
         if not args.no_coverage:
             runner = [python, "-m", "coverage", "run", "-m", "pytest"]
         print(f"\n===== backend {name} =====", flush=True)
-        command = [*runner, *pytest_args, *args.pytest_args]
+        command = [*runner, *PYTEST_ARGS[backend.suite], *args.pytest_args]
         code = subprocess.run(command, cwd=ROOT, env=env).returncode
         if code != 0:
             results[name] = f"FAILED (exit {code})"
         elif down:
-            results[name] = f"skipped: nothing answers at {', '.join(down)}"
+            results[name] = f"skipped: nothing answers ({', '.join(down)})"
         else:
             results[name] = "passed"
 

@@ -1,41 +1,18 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
 
+from tests.backends import missing_service
 from tests.testapp import views
 
 REQUIRE_SERVICES = os.environ.get("IDEMPOTENCY_TEST_REQUIRE_SERVICES") == "1"
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _missing_service() -> str | None:
-    """Why the selected backend cannot run here, or None when it can."""
-    if settings.DB_BACKEND in ("postgres", "mariadb"):
-        db = settings.DATABASES["default"]
-        if not _answers(db["HOST"], int(db["PORT"])):
-            return f"{settings.DB_BACKEND} is not answering at {db['HOST']}:{db['PORT']}"
-    if settings.STORE_BACKEND == "redis":
-        location = urlsplit(settings.CACHES[settings.IDEMPOTENCY_CACHE_ALIAS]["LOCATION"])
-        host, port = location.hostname or "127.0.0.1", location.port or 6379
-        if not _answers(host, port):
-            return f"Redis is not answering at {host}:{port}"
-    return None
-
-
-_MISSING = _missing_service()
+_MISSING = missing_service(settings)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import factory
 from django.contrib.auth import get_user_model
+from factory.declarations import Sequence
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -9,5 +10,5 @@ class UserFactory(factory.django.DjangoModelFactory):
         model = get_user_model()
         skip_postgeneration_save = True
 
-    username = factory.Sequence(lambda n: f"user{n}")
+    username = Sequence(lambda n: f"user{n}")
     password = factory.django.Password("pw")

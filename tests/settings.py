@@ -4,14 +4,43 @@
 ``IDEMPOTENCY_TEST_STORE``: ``db`` (default) or ``redis`` (the cache store on a real Redis).
 ``IDEMPOTENCY_TEST_REQUIRE_SERVICES=1``: a backend that does not answer fails the run instead of
 skipping it (``.ci/run`` sets it).
+
+Servers: ``PGHOST``/``PGPORT``, ``MYSQL_HOST``/``MYSQL_PORT``, ``IDEMPOTENCY_TEST_REDIS_URL``. A
+host may be a Unix socket instead, as each client spells it: ``PGHOST=/var/run/postgresql`` (the
+directory), ``MYSQL_HOST=/run/mysqld/mysqld.sock`` (the file), ``unix:///run/redis.sock?db=15``.
+``tests/backends.py`` probes the same addresses, so a backend is never skipped for a socket.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def _installed_package_only() -> None:
+    """Under tox, refuse a ``django_idempotency`` that does not come from site-packages.
+
+    tox tests the built wheel; a checkout that slipped onto ``sys.path`` would hide a file
+    missing from it. Every process that loads these settings checks, including the servers the
+    concurrency tests start.
+    """
+    if os.environ.get("IDEMPOTENCY_TEST_INSTALLED_PACKAGE") != "1":
+        return
+    spec = importlib.util.find_spec("django_idempotency")
+    origin = Path(spec.origin if spec and spec.origin else "?").resolve()
+    site_dirs = {Path(sysconfig.get_path(name)).resolve() for name in ("purelib", "platlib")}
+    if not any(origin.is_relative_to(site_dir) for site_dir in site_dirs):
+        raise RuntimeError(
+            f"IDEMPOTENCY_TEST_INSTALLED_PACKAGE=1, but django_idempotency comes from {origin}, "
+            f"not from the installed distribution in {', '.join(map(str, sorted(site_dirs)))}"
+        )
+
+
+_installed_package_only()
 
 DB_BACKEND = os.environ.get("IDEMPOTENCY_TEST_DB", "sqlite")
 STORE_BACKEND = os.environ.get("IDEMPOTENCY_TEST_STORE", "db")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.django_db
 
 def _row(scope: str, state: str, expires_in: timedelta) -> IdempotencyKey:
     now = timezone.now()
-    return IdempotencyKey.objects.create(
+    row: IdempotencyKey = IdempotencyKey.objects.create(
         scope=scope,
         key_hash=f"{scope}-{state}".ljust(64, "0")[:64],
         fingerprint="f" * 64,
@@ -27,12 +27,13 @@ def _row(scope: str, state: str, expires_in: timedelta) -> IdempotencyKey:
         expires_at=now + expires_in,
         response_status=201 if state == "completed" else None,
     )
+    return row
 
 
 @pytest.fixture
 def admin_client() -> Client:
     client = Client()
-    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    client.force_login(UserFactory.create(is_staff=True, is_superuser=True))
     return client
 
 

@@ -40,7 +40,7 @@ TRANSACTIONAL = settings.STORE_BACKEND == "db"
 
 @pytest.fixture
 def user() -> Any:
-    return UserFactory()
+    return UserFactory.create()
 
 
 @pytest.fixture
@@ -258,7 +258,7 @@ def test_wait_mode_replays_when_the_original_finishes(
 @entries
 def test_two_users_with_the_same_key_never_share(client: Client, entry: Entry) -> None:
     other = Client()
-    other.force_login(UserFactory())
+    other.force_login(UserFactory.create())
     mine = send(client, entry.url, key="shared-key")
     theirs = send(other, entry.url, key="shared-key")
     assert mine.status_code == theirs.status_code == 201
@@ -273,7 +273,7 @@ def test_two_users_with_the_same_key_never_share(client: Client, entry: Entry) -
 )
 def test_scope_is_the_user_drf_authenticated(entry: Entry) -> None:
     # Token auth happens inside DRF: a middleware would see two anonymous requests here.
-    tokens = [Token.objects.create(user=UserFactory()).key for _ in range(2)]
+    tokens = [Token.objects.create(user=UserFactory.create()).key for _ in range(2)]
     client = Client()
     responses = [
         send(client, entry.url, key="k", HTTP_AUTHORIZATION=f"Token {token}") for token in tokens

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -333,7 +334,7 @@ def test_storm_of_one_key_runs_the_view_once(
     views.DELAY = delay
     key = new_key()
     outcomes = run_together(
-        [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(50)]
+        [partial(client_post, path, key, principal.token, f"#{i}") for i in range(50)]
     )
 
     first = check_storm(outcomes)
@@ -357,7 +358,7 @@ def test_waiting_storm_replays_the_one_execution(
     views.DELAY = OVERLAP_DELAY
     key = new_key()
     outcomes = run_together(
-        [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(50)]
+        [partial(client_post, path, key, principal.token, f"#{i}") for i in range(50)]
     )
 
     first = check_storm(outcomes)
@@ -379,7 +380,7 @@ def test_storm_of_many_keys_runs_each_view_once(
     calls: list[Callable[[], Outcome]] = []
     for _round in range(8):
         for path, key in keys.items():
-            calls.append(lambda p=path, k=key: client_post(p, k, principal.token, p))
+            calls.append(partial(client_post, path, key, principal.token, path))
     outcomes = run_together(calls)
 
     fresh_ids = set()
@@ -476,8 +477,8 @@ def test_storm_across_three_server_processes_runs_the_view_once(
     path: str, principal: Principal, servers: list[Server]
 ) -> None:
     key = new_key()
-    calls = [
-        lambda s=servers[i % 3], i=i: http_post(s.url + path, key, principal.token, f"#{i}")
+    calls: list[Callable[[], Outcome]] = [
+        partial(http_post, servers[i % 3].url + path, key, principal.token, f"#{i}")
         for i in range(50)
     ]
     outcomes = run_together(calls)
@@ -666,7 +667,7 @@ def test_storm_over_a_dead_lease_reclaims_it_once(
     views.DELAY = OVERLAP_DELAY
 
     outcomes = run_together(
-        [lambda i=i: client_post(path, key, principal.token, f"#{i}") for i in range(30)]
+        [partial(client_post, path, key, principal.token, f"#{i}") for i in range(30)]
     )
 
     first = check_storm(outcomes)

@@ -169,7 +169,7 @@ def test_fields_fingerprint_include_and_exclude() -> None:
 
 
 def _post_multipart(
-    client: Client, entry: Entry, key: str, boundary: str, headers: dict[str, str], **data: Any
+    client: Client, entry: Entry, key: str, boundary: str, headers: dict[str, Any], **data: Any
 ) -> Any:
     payload = {"amount": "10", "doc": _file(b"receipt bytes"), **data}
     return client.post(

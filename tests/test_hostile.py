@@ -309,8 +309,9 @@ def record_count() -> int:
     if settings.STORE_BACKEND == "redis":
         from django.core.cache import caches
 
-        return len(caches[settings.IDEMPOTENCY_CACHE_ALIAS].keys("*"))  # type: ignore[attr-defined]
-    return IdempotencyKey.objects.count()
+        keys: list[str] = caches[settings.IDEMPOTENCY_CACHE_ALIAS].keys("*")  # type: ignore[attr-defined]
+        return len(keys)
+    return int(IdempotencyKey.objects.count())
 
 
 @dataclass

@@ -7,6 +7,7 @@ The figures are quoted in docs/performance.md and docs/contract.md ("Query budge
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -27,7 +28,7 @@ URLS = ["/mixin/payments/", "/decorator/payments/", "/django/payments/"]
 
 
 def _post(client: Client, url: str, key: str | None) -> tuple[int, list[str]]:
-    extra = {"HTTP_IDEMPOTENCY_KEY": key} if key else {}
+    extra: dict[str, Any] = {"HTTP_IDEMPOTENCY_KEY": key} if key else {}
     with CaptureQueriesContext(connection) as ctx:
         response = client.post(url, json.dumps({"amount": 3}), "application/json", **extra)
     # Transaction control is not a query: SQLite logs the BEGIN/COMMIT around the view, the

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -35,15 +34,14 @@ from django_idempotency.keys import hash_key
 from django_idempotency.storage import get_storage
 from django_idempotency.storage.base import State, StoredResponse
 from django_idempotency.storage.cache import CacheStorage, _Script
+from tests.backends import redis_endpoint, redis_url_with_db
 from tests.behaviour import fingerprint_for
 from tests.testapp import views
 from tests.testapp.models import Payment
 
-_SERVER = urlsplit(django_settings.REDIS_URL)
-REDIS_HOST = _SERVER.hostname or "127.0.0.1"
-REDIS_PORT = _SERVER.port or 6379
+REDIS_SERVER = redis_endpoint(django_settings.REDIS_URL)
 # Database 15 belongs to the redis matrix (tests/settings.py); these tests keep to 14.
-REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/14"
+REDIS_URL = redis_url_with_db(django_settings.REDIS_URL, 14)
 REQUIRE_SERVICES = os.environ.get("IDEMPOTENCY_TEST_REQUIRE_SERVICES") == "1"
 
 LEASE = timedelta(seconds=60)
@@ -57,16 +55,12 @@ BACKENDS = {
 
 
 def _redis_answers() -> bool:
-    try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
+    return REDIS_SERVER.answers()
 
 
 needs_redis = pytest.mark.skipif(
     not REQUIRE_SERVICES and not _redis_answers(),
-    reason=f"Redis is not answering at {REDIS_HOST}:{REDIS_PORT} (start it to test the cache "
+    reason=f"Redis is not answering at {REDIS_SERVER} (start it to test the cache "
     "store; IDEMPOTENCY_TEST_REQUIRE_SERVICES=1 turns this skip into a failure)",
 )
 
@@ -78,7 +72,7 @@ def _closed_port() -> int:
     return port
 
 
-def _use_cache(settings: Any, backend: str, location: str, **extra: Any) -> None:
+def _use_cache(settings: Any, backend: str, location: str | list[str], **extra: Any) -> None:
     settings.CACHES = {
         "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
         "idem": {"BACKEND": backend, "LOCATION": location, **extra},
@@ -288,7 +282,7 @@ def test_values_are_json_not_pickle(store: CacheStorage, raw: redis.Redis) -> No
         StoredResponse(201, (("Content-Type", "image/png"),), body),
         now=_now(),
     )
-    fields = raw.hgetall(store.cache_key(SCOPE, "k"))
+    fields: dict[bytes, bytes] = raw.hgetall(store.cache_key(SCOPE, "k"))  # type: ignore[assignment]
     assert all(not value.startswith(b"\x80") for value in fields.values())  # pickle protocol 2+
     assert fields[b"state"] == b"completed"
     assert fields[b"fingerprint"] == b"fp-1"
@@ -661,7 +655,7 @@ def test_manage_py_check_fails_on_locmem_unless_silenced(settings: Any) -> None:
 @needs_redis
 def test_django_redis_shard_client_keeps_each_record_on_one_shard(settings: Any) -> None:
     name = f"idem-test-{uuid.uuid4().hex[:12]}"
-    shards = [f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}" for db in (13, 14)]
+    shards = [redis_url_with_db(django_settings.REDIS_URL, db) for db in (13, 14)]
     _use_cache(
         settings,
         BACKENDS["django-redis"],

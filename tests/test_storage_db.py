@@ -144,7 +144,7 @@ def test_claim_retries_when_the_holder_vanishes_before_it_is_read(
         statement, "run", lambda self, c, fresh: (real_run(self, c, fresh)[0], None)
     )
     real_read = DatabaseStorage._read
-    reads = []
+    reads: list[str] = []
 
     def released_first(self: DatabaseStorage, scope: str, key_hash: str) -> object:
         if not reads:
@@ -168,7 +168,7 @@ def test_owner_completing_during_a_takeover_wins(
     assert owner.token is not None
     owner_token = owner.token
     real_take_over = DatabaseStorage._take_over
-    attempts = []
+    attempts: list[tuple[Any, ...]] = []
 
     def owner_completes_first(self: DatabaseStorage, *args: Any) -> bool:
         if not attempts:
@@ -231,7 +231,9 @@ postgres_only = pytest.mark.skipif(
 def _synchronous_commit() -> str:
     with connection.cursor() as cursor:
         cursor.execute("SHOW synchronous_commit")
-        return str(cursor.fetchone()[0])
+        row = cursor.fetchone()
+        assert row is not None
+        return str(row[0])
 
 
 def _claim_sql(store: DatabaseStorage, key: str) -> str:
@@ -240,7 +242,7 @@ def _claim_sql(store: DatabaseStorage, key: str) -> str:
     with CaptureQueriesContext(connection) as ctx:
         assert store.claim("s", key, "fp", now=timezone.now(), lease=LEASE, ttl=TTL).won
     (query,) = ctx.captured_queries
-    return query["sql"]
+    return str(query["sql"])
 
 
 @postgres_only
