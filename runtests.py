@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the test suite over the backend matrix. Needs nothing but Python 3.
 
-    python3 runtests.py                      # sqlite, postgres, mariadb, redis, example project
+    python3 runtests.py                  # sqlite, postgres, mariadb, redis, redis-store, example
     python3 runtests.py --backend sqlite     # one backend (repeatable)
     python3 runtests.py -- -k replay -x      # extra pytest arguments after --
 

@@ -23,6 +23,7 @@ CHECK_IDS = {
     "E005": "a dotted-path setting cannot be imported",
     "E006": "IDEMPOTENCY_CACHE_ALIAS is not a configured cache",
     "E007": "the cache store is backed by a cache without cross-process atomic add",
+    "E008": "the Redis store has no usable server setting",
     "W001": "ATOMIC_REQUESTS is on for the idempotency database",
     "W002": "IDEMPOTENCY_FAIL_OPEN runs views unprotected when the store is down",
     "W003": "the cache store is backed by the database cache",
@@ -44,7 +45,11 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         storage_class()
     except ImproperlyConfigured as exc:
         errors.append(
-            _error("E001", str(exc), 'Use "db", "cache" or the dotted path of a BaseStorage.')
+            _error(
+                "E001",
+                str(exc),
+                'Use "db", "redis", "cache" or the dotted path of a BaseStorage.',
+            )
         )
     numbers = {
         "IDEMPOTENCY_TTL": settings.IDEMPOTENCY_TTL,
@@ -109,6 +114,68 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         errors.extend(_check_database())
     elif settings.IDEMPOTENCY_STORE == "cache":
         errors.extend(_check_cache())
+    elif settings.IDEMPOTENCY_STORE == "redis":
+        errors.extend(_check_redis())
+    return errors
+
+
+def _check_redis() -> list[checks.CheckMessage]:
+    errors: list[checks.CheckMessage] = []
+    url, path = settings.IDEMPOTENCY_REDIS_URL, settings.IDEMPOTENCY_REDIS_CLIENT
+    if path:
+        try:
+            factory = import_string(path)
+        except ImportError as exc:
+            errors.append(
+                _error(
+                    "E008",
+                    f"IDEMPOTENCY_REDIS_CLIENT = {path!r} cannot be imported: {exc}",
+                    "Point it at a zero-argument callable that returns a redis-py client.",
+                )
+            )
+        else:
+            if not callable(factory):
+                errors.append(
+                    _error("E008", f"IDEMPOTENCY_REDIS_CLIENT = {path!r} is not callable.", "")
+                )
+    elif not url:
+        errors.append(
+            _error(
+                "E008",
+                'IDEMPOTENCY_STORE = "redis" without IDEMPOTENCY_REDIS_URL or '
+                "IDEMPOTENCY_REDIS_CLIENT.",
+                'Set IDEMPOTENCY_REDIS_URL = "redis://host:6379/0", or a client factory for '
+                "Redis Cluster and Sentinel.",
+            )
+        )
+    elif url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        errors.append(
+            _error(
+                "E008",
+                f"IDEMPOTENCY_REDIS_URL = {url!r} is not a redis://, rediss:// or unix:// URL.",
+                "",
+            )
+        )
+    prefix = settings.IDEMPOTENCY_REDIS_KEY_PREFIX
+    if "{" in prefix and "}" in prefix.split("{", 1)[1]:
+        errors.append(
+            _error(
+                "E008",
+                f"IDEMPOTENCY_REDIS_KEY_PREFIX = {prefix!r} holds a {{hash tag}}: on Redis "
+                "Cluster every record would land on one slot, hence one shard.",
+                "Drop the braces from the prefix.",
+            )
+        )
+    if settings.IDEMPOTENCY_REDIS_WAIT_REPLICAS < 0 or settings.IDEMPOTENCY_REDIS_WAIT_TIMEOUT < 0:
+        errors.append(
+            _error(
+                "E002",
+                "IDEMPOTENCY_REDIS_WAIT_REPLICAS and IDEMPOTENCY_REDIS_WAIT_TIMEOUT cannot be "
+                "negative.",
+                "Use 0 replicas to turn the wait off. A timeout of 0 waits forever: prefer a "
+                "bound such as 100 ms.",
+            )
+        )
     return errors
 
 

@@ -42,7 +42,7 @@ class Settings:
 
     @cached_property
     def IDEMPOTENCY_STORE(self) -> str:
-        """``"db"``, ``"cache"`` or a dotted path to a ``BaseStorage`` subclass."""
+        """``"db"``, ``"redis"``, ``"cache"`` or a dotted path to a ``BaseStorage`` subclass."""
         return str(self._get("IDEMPOTENCY_STORE", "db"))
 
     @cached_property
@@ -53,6 +53,31 @@ class Settings:
     @cached_property
     def IDEMPOTENCY_CACHE_ALIAS(self) -> str:
         return str(self._get("IDEMPOTENCY_CACHE_ALIAS", "default"))
+
+    @cached_property
+    def IDEMPOTENCY_REDIS_URL(self) -> str:
+        """``redis://``, ``rediss://`` or ``unix://`` URL of the Redis store's server."""
+        return str(self._get("IDEMPOTENCY_REDIS_URL", "") or "")
+
+    @cached_property
+    def IDEMPOTENCY_REDIS_CLIENT(self) -> str:
+        """Dotted path of a zero-argument callable returning the Redis store's redis-py client
+        (``Redis``, ``RedisCluster`` or a Sentinel ``master_for`` client); wins over the URL."""
+        return str(self._get("IDEMPOTENCY_REDIS_CLIENT", "") or "")
+
+    @cached_property
+    def IDEMPOTENCY_REDIS_KEY_PREFIX(self) -> str:
+        return str(self._get("IDEMPOTENCY_REDIS_KEY_PREFIX", "idempotency:"))
+
+    @cached_property
+    def IDEMPOTENCY_REDIS_WAIT_REPLICAS(self) -> int:
+        """Replicas that must acknowledge a claim (``WAIT``) before the view runs; 0 is off."""
+        return int(self._get("IDEMPOTENCY_REDIS_WAIT_REPLICAS", 0))
+
+    @cached_property
+    def IDEMPOTENCY_REDIS_WAIT_TIMEOUT(self) -> int:
+        """Milliseconds a claim waits for those acknowledgements before answering 503."""
+        return int(self._get("IDEMPOTENCY_REDIS_WAIT_TIMEOUT", 100))
 
     @cached_property
     def IDEMPOTENCY_HEADER(self) -> str:

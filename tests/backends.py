@@ -145,6 +145,9 @@ BACKENDS: dict[str, Backend] = {
     "redis": Backend(
         {"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "redis"}, ("Redis",)
     ),
+    "redis-store": Backend(
+        {"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "redisstore"}, ("Redis",)
+    ),
     # The example project's own tests, with its own settings: SQLite, then PostgreSQL + Redis.
     "example": Backend({"EXAMPLE_BACKEND": "sqlite"}, suite="example"),
     "example-production": Backend(
@@ -166,6 +169,10 @@ def missing_service(settings: object) -> str | None:
         endpoint = to_endpoint(db["HOST"], db["PORT"] or 0)
         if not endpoint.answers():
             return f"{db_backend} is not answering at {endpoint}"
+    if getattr(settings, "STORE_BACKEND", "db") == "redisstore":
+        endpoint = redis_endpoint(settings.IDEMPOTENCY_REDIS_URL)  # type: ignore[attr-defined]
+        if not endpoint.answers():
+            return f"Redis is not answering at {endpoint}"
     if getattr(settings, "STORE_BACKEND", "db") == "redis":
         alias = settings.IDEMPOTENCY_CACHE_ALIAS  # type: ignore[attr-defined]
         endpoint = redis_endpoint(settings.CACHES[alias]["LOCATION"])  # type: ignore[attr-defined]

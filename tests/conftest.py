@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
 
+from tests import redis_servers
 from tests.backends import missing_service
 from tests.testapp import views
 
@@ -35,6 +39,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _empty_redis_store() -> Iterator[None]:
     """Redis keeps records across tests (the ORM store's rows roll back or are flushed), so the
     redis matrix empties the store's key prefix around each test."""
+    if settings.STORE_BACKEND == "redisstore":
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        _delete_prefix(client, settings.IDEMPOTENCY_REDIS_KEY_PREFIX)
+        yield
+        _delete_prefix(client, settings.IDEMPOTENCY_REDIS_KEY_PREFIX)
+        client.close()
+        return
     if settings.STORE_BACKEND != "redis":
         yield
         return
@@ -44,6 +57,65 @@ def _empty_redis_store() -> Iterator[None]:
     cache.delete_pattern("*")  # type: ignore[attr-defined]  # django-redis: this alias's prefix
     yield
     cache.delete_pattern("*")  # type: ignore[attr-defined]
+
+
+def _delete_prefix(client: Any, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
+#: The Cluster and Sentinel set-ups start a dozen servers; one backend of the matrix runs them.
+RUN_REDIS_SERVERS = (
+    settings.STORE_BACKEND == "redisstore"
+    or os.environ.get("IDEMPOTENCY_TEST_REDIS_SERVERS") == "1"
+)
+
+
+def _servers_or_skip() -> None:
+    if not RUN_REDIS_SERVERS:
+        pytest.skip(
+            "Redis Cluster and Sentinel tests run in the redis-store backend "
+            "(or with IDEMPOTENCY_TEST_REDIS_SERVERS=1)"
+        )
+    reason = redis_servers.missing()
+    if reason is None:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} and IDEMPOTENCY_TEST_REQUIRE_SERVICES=1")
+    pytest.skip(f"{reason}: the Redis Cluster and Sentinel tests need them")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[redis_servers.Cluster]:
+    """Six ``redis-server --cluster-enabled yes`` (3 primaries, 3 replicas), once per session.
+
+    ``IDEMPOTENCY_TEST_CLUSTER_NODES`` names them for ``tests.redis_servers.cluster_client`` in
+    this process and in the server processes it starts.
+    """
+    _servers_or_skip()
+    with tempfile.TemporaryDirectory(prefix="idem-cluster-") as root:
+        cluster = redis_servers.start_cluster(Path(root))
+        os.environ["IDEMPOTENCY_TEST_CLUSTER_NODES"] = cluster.nodes
+        try:
+            yield cluster
+        finally:
+            os.environ.pop("IDEMPOTENCY_TEST_CLUSTER_NODES", None)
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[redis_servers.SentinelSet]:
+    """One primary, one replica and three Sentinels, once per session."""
+    _servers_or_skip()
+    with tempfile.TemporaryDirectory(prefix="idem-sentinel-") as root:
+        group = redis_servers.start_sentinel_set(Path(root))
+        os.environ["IDEMPOTENCY_TEST_SENTINELS"] = group.addresses
+        try:
+            yield group
+        finally:
+            os.environ.pop("IDEMPOTENCY_TEST_SENTINELS", None)
+            group.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 """Test settings. The backend comes from the environment so one suite runs on every backend.
 
 ``IDEMPOTENCY_TEST_DB``: ``sqlite`` (default), ``postgres`` or ``mariadb``.
-``IDEMPOTENCY_TEST_STORE``: ``db`` (default) or ``redis`` (the cache store on a real Redis).
+``IDEMPOTENCY_TEST_STORE``: ``db`` (default), ``redis`` (the cache store on a real Redis) or
+``redisstore`` (``IDEMPOTENCY_STORE = "redis"``, the Redis store on its own client).
 ``IDEMPOTENCY_TEST_REQUIRE_SERVICES=1``: a backend that does not answer fails the run instead of
 skipping it (``.ci/run`` sets it).
 
@@ -171,7 +172,18 @@ if STORE_BACKEND == "redis":
             "KEY_PREFIX": REDIS_KEY_PREFIX,
         },
     }
+elif STORE_BACKEND == "redisstore":
+    # The Redis store on its own client; IDEMPOTENCY_TEST_REDIS_CLIENT swaps in a cluster or
+    # Sentinel client factory (tests/redis_servers.py) for the processes a test starts.
+    IDEMPOTENCY_STORE = "redis"
+    IDEMPOTENCY_REDIS_URL = REDIS_URL
+    IDEMPOTENCY_REDIS_CLIENT = os.environ.get("IDEMPOTENCY_TEST_REDIS_CLIENT", "")
+    IDEMPOTENCY_REDIS_KEY_PREFIX = f"{REDIS_KEY_PREFIX}:"
+    IDEMPOTENCY_REDIS_WAIT_REPLICAS = int(os.environ.get("IDEMPOTENCY_TEST_REDIS_WAIT", "0"))
 elif STORE_BACKEND == "db":
     IDEMPOTENCY_STORE = "db"
 else:
-    raise RuntimeError(f"IDEMPOTENCY_TEST_STORE={STORE_BACKEND!r}: use db or redis")
+    raise RuntimeError(
+        f"IDEMPOTENCY_TEST_STORE={STORE_BACKEND!r}: use db, redis (the cache store) or "
+        "redisstore (the Redis store)"
+    )

@@ -64,6 +64,11 @@ def store_down() -> Iterator[None]:
     if settings.STORE_BACKEND == "db":
         with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
             yield
+    elif settings.STORE_BACKEND == "redisstore":
+        with override_settings(
+            IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:1/0?socket_connect_timeout=1&socket_timeout=1"
+        ):
+            yield
     else:
         caches = {
             **settings.CACHES,
@@ -589,7 +594,15 @@ def _store_that_breaks_after_the_write() -> Iterator[None]:
         views.AFTER_WRITE.append(lambda: connections[alias].connection.close())
         yield
         return
-    # The cache store talks to Redis through a proxy whose plug is pulled after the write.
+    # The Redis stores talk to Redis through a proxy whose plug is pulled after the write.
+    if settings.STORE_BACKEND == "redisstore":
+        location = urlsplit(settings.IDEMPOTENCY_REDIS_URL)
+        proxy = TcpProxy(location.hostname or "127.0.0.1", location.port or 6379)
+        views.AFTER_WRITE.append(proxy.cut)
+        url = f"redis://127.0.0.1:{proxy.port}{location.path}?socket_timeout=1"
+        with override_settings(IDEMPOTENCY_REDIS_URL=url):
+            yield
+        return
     location = urlsplit(settings.CACHES[idempotency_settings.IDEMPOTENCY_CACHE_ALIAS]["LOCATION"])
     proxy = TcpProxy(location.hostname or "127.0.0.1", location.port or 6379)
     through_proxy = {

@@ -311,6 +311,11 @@ def record_count() -> int:
 
         keys: list[str] = caches[settings.IDEMPOTENCY_CACHE_ALIAS].keys("*")  # type: ignore[attr-defined]
         return len(keys)
+    if settings.STORE_BACKEND == "redisstore":
+        from django_idempotency.storage import get_storage
+
+        client = get_storage().client  # type: ignore[attr-defined]
+        return len(list(client.scan_iter(match=f"{settings.IDEMPOTENCY_REDIS_KEY_PREFIX}*")))
     return int(IdempotencyKey.objects.count())
 
 

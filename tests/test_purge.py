@@ -588,10 +588,15 @@ def test_command_native_expiry(args: list[str]) -> None:
     assert run(*args, verbosity=0) == ""
 
 
-@override_settings(IDEMPOTENCY_STORE="cache")
+@override_settings(
+    IDEMPOTENCY_STORE="cache",
+    IDEMPOTENCY_CACHE_ALIAS="default",
+    CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+)
 def test_command_with_the_cache_store() -> None:
+    # A non-Redis cache: "cache" stands for the add() store there.
     assert run("--dry-run") == (
-        "CacheStorage expires idempotency keys natively; there is nothing to purge.\n"
+        "CacheAddStorage expires idempotency keys natively; there is nothing to purge.\n"
     )
 
 

@@ -1,4 +1,6 @@
-"""The cache store against a real Redis, through both Django Redis backends.
+"""The cache stores' own behaviour: Lua through both Django Redis backends, ``add()`` elsewhere.
+
+The store contract they share with every store is in test_storage.py.
 
 Every test that needs Redis uses its own key prefix on a database of its own (not the one the
 redis test matrix uses), and deletes what it wrote. Without Redis the tests skip with a reason,
@@ -32,8 +34,10 @@ from django_idempotency.checks import check_settings
 from django_idempotency.exceptions import StoreError
 from django_idempotency.keys import hash_key
 from django_idempotency.storage import get_storage
-from django_idempotency.storage.base import State, StoredResponse
-from django_idempotency.storage.cache import CacheStorage, _Script
+from django_idempotency.storage.base import StoredResponse
+from django_idempotency.storage.cache import CacheStorage
+from django_idempotency.storage.cache_add import CacheAddStorage
+from django_idempotency.storage.lua import Script
 from tests.backends import redis_endpoint, redis_url_with_db
 from tests.behaviour import fingerprint_for
 from tests.testapp import views
@@ -110,7 +114,9 @@ def _now() -> datetime:
     return timezone.now()
 
 
-def _claim(store: CacheStorage, key: str, fingerprint: str = "fp-1", **kw: Any) -> Any:
+def _claim(
+    store: CacheStorage | CacheAddStorage, key: str, fingerprint: str = "fp-1", **kw: Any
+) -> Any:
     kw.setdefault("now", _now())
     kw.setdefault("lease", LEASE)
     kw.setdefault("ttl", TTL)
@@ -125,120 +131,6 @@ RESPONSE = StoredResponse(
 
 
 # --- store-level semantics -------------------------------------------------------------------
-
-
-@needs_redis
-def test_first_claim_wins_and_duplicates_see_the_record(store: CacheStorage) -> None:
-    now = _now()
-    first = _claim(store, "k", now=now)
-    assert first.won and not first.reclaimed
-
-    second = _claim(store, "k", now=now)
-    assert not second.won
-    assert second.record.state is State.IN_FLIGHT
-    assert second.record.fingerprint == "fp-1"
-    assert second.record.created_at == now
-    assert second.record.lease_expires_at == now + LEASE
-    assert second.record.expires_at == now + TTL
-
-    mismatch = _claim(store, "k", "fp-2", now=now)
-    assert not mismatch.won and mismatch.record.fingerprint == "fp-1"
-
-
-@needs_redis
-def test_complete_then_replay(store: CacheStorage) -> None:
-    claim = _claim(store, "k")
-    assert store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
-
-    again = _claim(store, "k")
-    assert not again.won
-    assert again.record.state is State.COMPLETED
-    assert again.record.response == RESPONSE
-    assert store.get(SCOPE, "k") == again.record
-    # Completion happens once: a second one (same token) finds no in-flight record.
-    assert not store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
-
-
-@needs_redis
-def test_unavailable_result_has_no_response(store: CacheStorage) -> None:
-    claim = _claim(store, "k")
-    assert store.complete(SCOPE, "k", claim.token, None, now=_now())
-    record = store.get(SCOPE, "k")
-    assert record is not None
-    assert record.state is State.UNAVAILABLE and record.response is None
-
-
-@needs_redis
-def test_release_lets_the_next_request_run(store: CacheStorage) -> None:
-    claim = _claim(store, "k")
-    assert not store.release(SCOPE, "k", "not-the-owner")
-    assert store.get(SCOPE, "k") is not None
-    assert store.release(SCOPE, "k", claim.token)
-    assert store.get(SCOPE, "k") is None
-    assert not store.release(SCOPE, "k", claim.token)
-    assert _claim(store, "k").won
-
-
-@needs_redis
-def test_completed_record_is_never_released(store: CacheStorage) -> None:
-    claim = _claim(store, "k")
-    store.complete(SCOPE, "k", claim.token, RESPONSE, now=_now())
-    assert not store.release(SCOPE, "k", claim.token)
-    assert store.get(SCOPE, "k") is not None
-
-
-@needs_redis
-def test_scope_and_key_both_identify_the_record(store: CacheStorage) -> None:
-    now = _now()
-    assert _claim(store, "k", now=now).won
-    assert store.claim("user:8", "k", "fp-1", now=now, lease=LEASE, ttl=TTL).won
-    assert _claim(store, "K", now=now).won
-
-
-@needs_redis
-def test_dead_lease_is_reclaimed_and_the_stale_owner_is_fenced(store: CacheStorage) -> None:
-    start = _now()
-    crashed = _claim(store, "k", now=start)
-    later = start + LEASE + timedelta(seconds=1)
-
-    # A different request cannot take a dead lease: the key still names the first request.
-    other = _claim(store, "k", "fp-other", now=later)
-    assert not other.won and other.record.state is State.IN_FLIGHT
-
-    retry = _claim(store, "k", now=later)
-    assert retry.won and retry.reclaimed
-    assert retry.token != crashed.token
-
-    # The original wakes up: it can neither store its result nor delete the retry's claim.
-    assert not store.complete(SCOPE, "k", crashed.token, RESPONSE, now=later)
-    assert not store.release(SCOPE, "k", crashed.token)
-    record = store.get(SCOPE, "k")
-    assert record is not None
-    assert record.state is State.IN_FLIGHT and record.created_at == later
-
-    assert store.complete(SCOPE, "k", retry.token, RESPONSE, now=later)
-    record = store.get(SCOPE, "k")
-    assert record is not None and record.response == RESPONSE
-
-
-@needs_redis
-def test_live_lease_is_not_reclaimed(store: CacheStorage) -> None:
-    start = _now()
-    _claim(store, "k", now=start)
-    assert not _claim(store, "k", now=start + LEASE - timedelta(milliseconds=1)).won
-
-
-@needs_redis
-def test_expired_record_counts_as_absent(store: CacheStorage) -> None:
-    start = _now()
-    claim = _claim(store, "k", now=start)
-    store.complete(SCOPE, "k", claim.token, RESPONSE, now=start)
-    after = start + TTL
-    fresh = _claim(store, "k", "fp-new", now=after)
-    assert fresh.won and not fresh.reclaimed
-    record = store.get(SCOPE, "k")
-    assert record is not None
-    assert record.fingerprint == "fp-new" and record.response is None
 
 
 # --- what lands in Redis -------------------------------------------------------------------
@@ -291,15 +183,6 @@ def test_values_are_json_not_pickle(store: CacheStorage, raw: redis.Redis) -> No
     assert document["status"] == 201
     assert document["headers"] == [["Content-Type", "image/png"]]
     assert base64.b64decode(document["body"]) == body
-
-
-@needs_redis
-def test_binary_body_round_trips_byte_for_byte(store: CacheStorage) -> None:
-    body = bytes(range(256)) * 64 + b"\x00\r\n\xff"
-    claim = _claim(store, "k")
-    store.complete(SCOPE, "k", claim.token, StoredResponse(200, (), body), now=_now())
-    record = _claim(store, "k").record
-    assert record.response == StoredResponse(200, (), body)
 
 
 @needs_redis
@@ -443,9 +326,9 @@ def test_unknown_script_costs_one_more_round_trip_once(
 ) -> None:
     # A script no server has seen (a fresh start, a failover, SCRIPT FLUSH): NOSCRIPT, then EVAL,
     # which caches it. Unique source, so that other test runs sharing this Redis cannot interfere.
-    script = _Script(f"-- {uuid.uuid4()}\nreturn redis.call('EXISTS', KEYS[1])")
+    script = Script(f"-- {uuid.uuid4()}\nreturn redis.call('EXISTS', KEYS[1])")
     key = store.cache_key(SCOPE, "k")
-    client = store._client(key)
+    client = store.client_for(key)
     assert script(client, key) == 0
     assert commands == ["EVALSHA", "EVAL"]
     commands.clear()
@@ -507,41 +390,14 @@ def test_view_after_a_crash_runs_once_when_the_lease_has_ended(store: CacheStora
 
 
 @pytest.fixture
-def locmem(settings: Any) -> CacheStorage:
+def locmem(settings: Any) -> CacheAddStorage:
     _use_cache(settings, "django.core.cache.backends.locmem.LocMemCache", f"idem-{uuid.uuid4()}")
     storage = get_storage()
-    assert isinstance(storage, CacheStorage)
+    assert isinstance(storage, CacheAddStorage)
     return storage
 
 
-def test_locmem_fallback_keeps_the_same_semantics(locmem: CacheStorage) -> None:
-    start = _now()
-    first = _claim(locmem, "k", now=start)
-    assert first.won
-    assert _claim(locmem, "k", now=start).record.state is State.IN_FLIGHT
-    assert _claim(locmem, "k", "fp-2", now=start + LEASE).record.fingerprint == "fp-1"
-
-    retry = _claim(locmem, "k", now=start + LEASE)
-    assert retry.won and retry.reclaimed
-    assert not _claim(locmem, "k", now=start + LEASE).won  # one taker per dead lease
-    assert not locmem.complete(SCOPE, "k", first.token, RESPONSE, now=start + LEASE)
-    assert not locmem.release(SCOPE, "k", first.token)
-    assert locmem.complete(SCOPE, "k", retry.token, RESPONSE, now=start + LEASE)
-    record = locmem.get(SCOPE, "k")
-    assert record is not None and record.response == RESPONSE
-    assert not locmem.release(SCOPE, "k", retry.token)
-
-    fresh = _claim(locmem, "k", "fp-3", now=start + LEASE + TTL)
-    assert fresh.won and not fresh.reclaimed
-    assert locmem.release(SCOPE, "k", fresh.token)
-    assert locmem.get(SCOPE, "k") is None
-
-    unavailable = _claim(locmem, "u", now=start)
-    assert locmem.complete(SCOPE, "u", unavailable.token, None, now=start)
-    assert _claim(locmem, "u", now=start).record.state is State.UNAVAILABLE
-
-
-def test_fallback_reports_a_failing_cache_as_store_error(locmem: CacheStorage) -> None:
+def test_fallback_reports_a_failing_cache_as_store_error(locmem: CacheAddStorage) -> None:
     locmem.cache.set(locmem.cache_key(SCOPE, "k"), "not json")
     with pytest.raises(StoreError):
         _claim(locmem, "k")
@@ -549,7 +405,7 @@ def test_fallback_reports_a_failing_cache_as_store_error(locmem: CacheStorage) -
         locmem.get(SCOPE, "k")
 
 
-def test_fallback_reclaim_has_one_winner(locmem: CacheStorage) -> None:
+def test_fallback_reclaim_has_one_winner(locmem: CacheAddStorage) -> None:
     start = _now()
     crashed = _claim(locmem, "k", now=start)
     # Another request already holds the takeover guard of this dead lease.
@@ -559,7 +415,7 @@ def test_fallback_reclaim_has_one_winner(locmem: CacheStorage) -> None:
         _claim(locmem, "k", now=start + LEASE)
 
 
-def test_fallback_refuses_a_foreign_value(locmem: CacheStorage) -> None:
+def test_fallback_refuses_a_foreign_value(locmem: CacheAddStorage) -> None:
     locmem.cache.set(locmem.cache_key(SCOPE, "k"), "[1, 2]")
     with pytest.raises(StoreError, match="unreadable"):
         locmem.get(SCOPE, "k")

@@ -1,7 +1,9 @@
 """Loading the configured store.
 
-``IDEMPOTENCY_STORE`` is ``"db"``, ``"cache"`` or a dotted path. The instance is built on first
-use and dropped when a relevant setting changes, so ``override_settings`` switches stores.
+``IDEMPOTENCY_STORE`` is ``"db"``, ``"redis"``, ``"cache"`` or a dotted path. ``"cache"`` stands
+for the Lua store on a Redis cache and for the ``add()`` store on any other cache, chosen once
+when the store is built. The instance (and with it a Redis store's client) is built on first use
+and dropped when a relevant setting changes, so ``override_settings`` switches stores.
 """
 
 from __future__ import annotations
@@ -16,17 +18,33 @@ from django_idempotency.storage.base import BaseStorage
 
 ALIASES = {
     "db": "django_idempotency.storage.db.DatabaseStorage",
+    "redis": "django_idempotency.storage.redis.RedisStorage",
     "cache": "django_idempotency.storage.cache.CacheStorage",
 }
 
 _RELOAD_ON = frozenset(
-    {"IDEMPOTENCY_STORE", "IDEMPOTENCY_DATABASE", "IDEMPOTENCY_CACHE_ALIAS", "CACHES", "DATABASES"}
+    {
+        "IDEMPOTENCY_STORE",
+        "IDEMPOTENCY_DATABASE",
+        "IDEMPOTENCY_CACHE_ALIAS",
+        "IDEMPOTENCY_REDIS_URL",
+        "IDEMPOTENCY_REDIS_CLIENT",
+        "IDEMPOTENCY_REDIS_KEY_PREFIX",
+        "IDEMPOTENCY_REDIS_WAIT_REPLICAS",
+        "IDEMPOTENCY_REDIS_WAIT_TIMEOUT",
+        "CACHES",
+        "DATABASES",
+    }
 )
 
 _instance: BaseStorage | None = None
 
 
 def storage_class() -> type[BaseStorage]:
+    if settings.IDEMPOTENCY_STORE == "cache":
+        from django_idempotency.storage.cache import store_class_for
+
+        return store_class_for()
     path = ALIASES.get(settings.IDEMPOTENCY_STORE, settings.IDEMPOTENCY_STORE)
     try:
         cls = import_string(path)

@@ -14,9 +14,33 @@ import contextlib
 import enum
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+
+from django_idempotency.exceptions import StoreError
+
+# Re-exported: the purge types lived here before they had a module of their own.
+from django_idempotency.storage.purge import (
+    PURGE_BATCH_SIZE,
+    PurgeBatch,
+    PurgeResult,
+    PurgeStop,
+)
+
+__all__ = [
+    "CLAIM_ATTEMPTS",
+    "PURGE_BATCH_SIZE",
+    "BaseStorage",
+    "Claim",
+    "PurgeBatch",
+    "PurgeResult",
+    "PurgeStop",
+    "Record",
+    "State",
+    "StoredResponse",
+    "new_token",
+    "store_errors",
+]
 
 
 class State(str, enum.Enum):
@@ -71,45 +95,34 @@ class Claim:
 #: caller answers 503) rather than looping under a storm. Every store uses it.
 CLAIM_ATTEMPTS = 4
 
-#: Rows per purge batch unless the caller says otherwise. Measured on PostgreSQL with
-#: ``bench/purge_bench.py`` (see ``docs/purge.md``): large enough that a million rows go in
-#: seconds, small enough that no batch holds its row locks for anything near a second.
-PURGE_BATCH_SIZE = 1000
-
-#: Why a purge stopped before it ran out of records: the caller's batch or time budget.
-PurgeStop = Literal["max_batches", "time_limit"]
-
-
-@dataclass(frozen=True)
-class PurgeBatch:
-    """One batch as it finishes, handed to ``purge_expired(progress=...)``."""
-
-    number: int
-    #: ``"expired"`` or ``"stale_in_flight"``: which condition selected the batch.
-    kind: str
-    #: Records deleted, or that a dry run would delete.
-    count: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class PurgeResult:
-    #: Records deleted, or that a dry run would delete; includes ``stale_in_flight``.
-    deleted: int = 0
-    batches: int = 0
-    #: Per-batch durations in seconds, for ``--verbosity 2`` and the benchmark.
-    batch_seconds: list[float] = field(default_factory=list)
-    #: The part of ``deleted`` that was in flight with a long-dead lease.
-    stale_in_flight: int = 0
-    dry_run: bool = False
-    #: Set when a budget ended the purge early; more expired records may remain.
-    stopped_by: PurgeStop | None = None
-    #: Wall-clock seconds of the whole purge.
-    seconds: float = 0.0
-
 
 def new_token() -> str:
     return secrets.token_hex(16)
+
+
+@contextlib.contextmanager
+def store_errors(
+    stage: str,
+    errors: tuple[type[BaseException], ...] = (Exception,),
+    *,
+    detail: bool = True,
+) -> Iterator[None]:
+    """Turn a backend failure inside the block into ``StoreError`` (the engine answers 503).
+
+    Every store wraps its calls with this, so a failure reads the same whichever store raised it:
+    ``"<stage> failed: <ExceptionClass>[: <message>]"``. An outcome the backend could not confirm
+    is an outcome no store may guess, so anything in ``errors`` counts as "unknown". ``detail``
+    leaves the backend's own message out where it may quote stored values (SQL parameters).
+    """
+    try:
+        yield
+    except StoreError:
+        raise
+    except errors as exc:
+        message = f"{stage} failed: {exc.__class__.__name__}"
+        if detail:
+            message = f"{message}: {exc}"
+        raise StoreError(message) from exc
 
 
 class BaseStorage(abc.ABC):

@@ -44,6 +44,7 @@ from django_idempotency.storage.base import (
     State,
     StoredResponse,
     new_token,
+    store_errors,
 )
 
 # Errors are caught as django.db.Error, not DatabaseError: a connection that died under the
@@ -101,7 +102,7 @@ class DatabaseStorage(BaseStorage):
             "response_headers": [],
             "response_body": None,
         }
-        try:
+        with store_errors("claim", (Error,), detail=False):
             connection = connections[self.using]
             for _ in range(CLAIM_ATTEMPTS):
                 won, held = self._statement(connection).run(connection, fresh)
@@ -116,8 +117,6 @@ class DatabaseStorage(BaseStorage):
                     return Claim(record=record)
                 if self._take_over(pk, old_token, record, fingerprint, fresh, now):
                     return Claim(token=token, reclaimed=not record.is_expired(now))
-        except Error as exc:
-            raise StoreError(f"claim failed: {exc.__class__.__name__}") from exc
         raise StoreError("claim kept losing races for the same key")
 
     def _statement(self, connection: BaseDatabaseWrapper) -> _ClaimStatement:
@@ -171,35 +170,27 @@ class DatabaseStorage(BaseStorage):
         else:
             headers = [list(h) for h in response.headers]
             state, stored = State.COMPLETED.value, (response.status, headers, response.body)
-        try:
+        with store_errors("complete", (Error,), detail=False):
             connection = connections[self.using]
             statement = self._statement(connection)
             return statement.complete(
                 connection, scope, key_hash, token, state, stored, now + min_retention
             )
-        except Error as exc:
-            raise StoreError(f"complete failed: {exc.__class__.__name__}") from exc
 
     def renew(
         self, scope: str, key_hash: str, token: str, *, now: datetime, lease: timedelta
     ) -> bool:
-        try:
+        with store_errors("renew", (Error,), detail=False):
             return bool(self._owned(scope, key_hash, token).update(lease_expires_at=now + lease))
-        except Error as exc:
-            raise StoreError(f"renew failed: {exc.__class__.__name__}") from exc
 
     def release(self, scope: str, key_hash: str, token: str) -> bool:
-        try:
+        with store_errors("release", (Error,), detail=False):
             deleted = self._owned(scope, key_hash, token)._raw_delete(self.using)
-        except Error as exc:
-            raise StoreError(f"release failed: {exc.__class__.__name__}") from exc
         return bool(deleted)
 
     def get(self, scope: str, key_hash: str) -> Record | None:
-        try:
+        with store_errors("get", (Error,), detail=False):
             held = self._read(scope, key_hash)
-        except Error as exc:
-            raise StoreError(f"get failed: {exc.__class__.__name__}") from exc
         return None if held is None else held[2]
 
     @contextlib.contextmanager

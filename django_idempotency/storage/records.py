@@ -1,0 +1,114 @@
+"""How a record is written as text: shared by the Redis, Redis-cache and cache-``add()`` stores.
+
+A record is a flat mapping of short text fields (a Redis hash, or a JSON object in a plain cache
+value); the stored response is one JSON document whose body is base64, so nothing read back is
+ever unpickled. Times travel as integer microseconds since the epoch: exact in a Lua number (a
+double) until the year 2255, and an exact round trip for the engine's datetimes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from django.conf import settings as django_settings
+
+from django_idempotency.exceptions import StoreError
+from django_idempotency.storage.base import Record, State, StoredResponse
+
+#: Bumped if the stored layout ever changes, so that old records are recognisable.
+FORMAT_VERSION = "1"
+
+_EPOCH_AWARE = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+MICROSECOND = timedelta(microseconds=1)
+
+
+def micros(moment: datetime) -> int:
+    epoch = _EPOCH_NAIVE if moment.tzinfo is None else _EPOCH_AWARE
+    return (moment - epoch) // MICROSECOND
+
+
+def moment(value: str | int) -> datetime:
+    # The engine compares these with its own clock, so match its awareness (USE_TZ).
+    epoch = _EPOCH_AWARE if django_settings.USE_TZ else _EPOCH_NAIVE
+    return epoch + int(value) * MICROSECOND
+
+
+def text(value: object) -> str:
+    # decode_responses=True in a client's options hands back str instead of bytes.
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise StoreError(f"unexpected {type(value).__name__} in a stored record")
+
+
+def flag(value: object) -> bool:
+    if not isinstance(value, int):
+        raise StoreError(f"script answered {type(value).__name__}, not an integer")
+    return bool(value)
+
+
+def pairs(flat: Sequence[object]) -> dict[str, str]:
+    texts = [text(item) for item in flat]
+    return dict(zip(texts[::2], texts[1::2], strict=True))
+
+
+def in_flight_fields(
+    fingerprint: str, token: str, *, now: datetime, lease: timedelta, ttl: timedelta
+) -> dict[str, Any]:
+    """The fields of a fresh claim, in the order the claim script writes them."""
+    start = micros(now)
+    return {
+        "v": FORMAT_VERSION,
+        "state": State.IN_FLIGHT.value,
+        "fingerprint": fingerprint,
+        "token": token,
+        "created": start,
+        "lease_expires": start + lease // MICROSECOND,
+        "expires": start + ttl // MICROSECOND,
+    }
+
+
+def dump_response(response: StoredResponse) -> str:
+    return json.dumps(
+        {
+            "status": response.status,
+            "headers": [list(header) for header in response.headers],
+            "body": base64.b64encode(response.body).decode("ascii"),
+        },
+        separators=(",", ":"),
+    )
+
+
+def load_response(document: str) -> StoredResponse:
+    data = json.loads(document)
+    return StoredResponse(
+        status=int(data["status"]),
+        headers=tuple((str(name), str(value)) for name, value in data["headers"]),
+        body=base64.b64decode(data["body"], validate=True),
+    )
+
+
+def to_record(fields: Mapping[str, Any]) -> Record:
+    try:
+        state = State(fields["state"])
+        document = fields.get("response")
+        response = None
+        if state is State.COMPLETED and document:
+            response = load_response(document)
+        return Record(
+            fingerprint=str(fields["fingerprint"]),
+            state=state,
+            created_at=moment(fields["created"]),
+            lease_expires_at=moment(fields["lease_expires"]),
+            expires_at=moment(fields["expires"]),
+            response=response,
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        # Not ours, or damaged: an outcome we cannot read is an outcome we must not guess.
+        raise StoreError(f"unreadable idempotency record: {exc.__class__.__name__}") from exc

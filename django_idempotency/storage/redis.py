@@ -1,0 +1,193 @@
+"""The Redis store: the Lua scripts of ``storage/lua.py`` on a redis-py client of its own.
+
+``IDEMPOTENCY_STORE = "redis"``. The client comes from ``IDEMPOTENCY_REDIS_CLIENT`` (a dotted path
+to a zero-argument callable returning ``redis.Redis``, ``redis.cluster.RedisCluster`` or a
+Sentinel ``master_for(...)`` client) or else from ``IDEMPOTENCY_REDIS_URL``. It is built on first
+use, kept for the life of the store instance (one per process; a relevant ``setting_changed``
+drops both) and shared by every thread: redis-py clients are thread-safe and their pools reset
+themselves after a fork.
+
+Every record is its own key, ``IDEMPOTENCY_REDIS_KEY_PREFIX`` + a SHA-256 of scope and key hash,
+with no ``{hash tag}``: records spread over every slot of a cluster, and each script touches that
+one key, so a cluster never answers CROSSSLOT.
+
+With ``IDEMPOTENCY_REDIS_WAIT_REPLICAS = n`` a claim is followed, on the same connection, by
+``WAIT n timeout``: a primary that fails right after acknowledging a claim can lose it when an
+asynchronous replica is promoted, and the retry would run the view a second time. When fewer
+than ``n`` replicas confirm in time the claim is released and the request answers 503 without
+running the view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from django_idempotency.conf import settings
+from django_idempotency.exceptions import StoreError
+from django_idempotency.keys import hash_key
+from django_idempotency.storage.base import Claim, new_token, store_errors
+from django_idempotency.storage.lua import (
+    CLAIM_SCRIPT,
+    LuaStorage,
+    claim_arguments,
+    claim_outcome,
+    redis_errors,
+)
+
+logger = logging.getLogger("django_idempotency")
+
+#: Seconds a URL-built client waits to connect or for an answer, unless the URL says otherwise
+#: (``?socket_timeout=``): a hung server must become a 503, not a hung worker.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+
+#: Policies under which Redis never deletes a key to make room. Every record carries a TTL, so
+#: the ``volatile-*`` policies can evict live records as readily as the ``allkeys-*`` ones.
+SAFE_EVICTION_POLICIES = frozenset({"noeviction"})
+
+
+def build_client() -> Any:
+    """A new redis-py client from the settings (no connection is made yet, except by a cluster
+    client, which reads the topology when it is built)."""
+    path = settings.IDEMPOTENCY_REDIS_CLIENT
+    if path:
+        try:
+            factory = import_string(path)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"IDEMPOTENCY_REDIS_CLIENT = {path!r} could not be imported: {exc}"
+            ) from exc
+        return factory()
+    url = settings.IDEMPOTENCY_REDIS_URL
+    if not url:
+        raise ImproperlyConfigured(
+            'IDEMPOTENCY_STORE = "redis" needs IDEMPOTENCY_REDIS_URL (redis://, rediss:// or '
+            "unix://) or IDEMPOTENCY_REDIS_CLIENT (a dotted path to a client factory)."
+        )
+    import redis
+
+    # Options in the URL's query win over these defaults (redis-py merges them last).
+    return redis.Redis.from_url(
+        url, socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT
+    )
+
+
+def eviction_problem(client: Any) -> str | None:
+    """Why the server may drop live records, if its configuration says so and can be read.
+
+    Managed services often rename or refuse ``CONFIG``; then nothing is known and nothing said.
+    """
+    try:
+        config = client.config_get("maxmemory*")
+    except Exception:  # noqa: BLE001 - best effort; the store works without knowing
+        return None
+    values = {str(k): str(v) for k, v in dict(config).items()}
+    policy = values.get("maxmemory-policy", "noeviction")
+    if policy in SAFE_EVICTION_POLICIES or values.get("maxmemory", "0") == "0":
+        return None
+    return (
+        f"the idempotency Redis runs maxmemory-policy {policy} with maxmemory "
+        f"{values.get('maxmemory')}: when memory fills it deletes keys with a TTL, and every "
+        "idempotency record has one, so a retry can run again. Use maxmemory-policy noeviction "
+        "(full memory then answers 503) on the Redis that holds the records."
+    )
+
+
+class RedisStorage(LuaStorage):
+    def __init__(self) -> None:
+        self.prefix = settings.IDEMPOTENCY_REDIS_KEY_PREFIX
+        self.wait_replicas = settings.IDEMPOTENCY_REDIS_WAIT_REPLICAS
+        self.wait_timeout = settings.IDEMPOTENCY_REDIS_WAIT_TIMEOUT
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The shared client, built on first use so that a cluster that is down at startup is a
+        503 on the first request rather than an import-time crash."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    client = build_client()
+                    problem = eviction_problem(client)
+                    if problem:
+                        logger.warning("django_idempotency: %s", problem)
+                    self._client = client
+        return self._client
+
+    def record_key(self, scope: str, key_hash: str) -> str:
+        return f"{self.prefix}{hash_key(scope, key_hash)}"
+
+    def client_for(self, key: str) -> Any:
+        return self.client
+
+    def claim(
+        self,
+        scope: str,
+        key_hash: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        lease: timedelta,
+        ttl: timedelta,
+    ) -> Claim:
+        if self.wait_replicas <= 0:
+            return super().claim(scope, key_hash, fingerprint, now=now, lease=lease, ttl=ttl)
+        key = self.record_key(scope, key_hash)
+        token = new_token()
+        arguments = claim_arguments(fingerprint, token, now=now, lease=lease, ttl=ttl)
+        with store_errors("claim", redis_errors()):
+            answer, acknowledged = self._claim_and_wait(key, arguments)
+        outcome = claim_outcome(answer, token)
+        if outcome.won and acknowledged < self.wait_replicas:
+            # Not durable enough to run a payment on. Give the key back so that the retry can
+            # claim it at once; if this release is lost too, the lease ends it.
+            with contextlib.suppress(StoreError):
+                self.release(scope, key_hash, token)
+            raise StoreError(
+                f"claim acknowledged by {acknowledged} of {self.wait_replicas} replicas "
+                f"within {self.wait_timeout} ms"
+            )
+        return outcome
+
+    def _claim_and_wait(self, key: str, arguments: tuple[str, ...]) -> tuple[Any, int]:
+        """The claim and ``WAIT`` in one pipeline, hence on one connection: ``WAIT`` counts the
+        replicas that have this connection's writes, so any other connection would measure
+        something else."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        for _ in range(3):
+            node = self._node_client(key)
+            pipe = node.pipeline(transaction=False)
+            pipe.evalsha(CLAIM_SCRIPT.sha, 1, key, *arguments)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout)
+            try:
+                answer, acknowledged = pipe.execute()
+            except NoScriptError:
+                node.script_load(CLAIM_SCRIPT.source)
+                continue
+            except ResponseError as exc:
+                # The cluster moved the slot since the topology was read: read it again.
+                if not _redirected(exc):
+                    raise
+                self.client.nodes_manager.initialize()
+                continue
+            return answer, int(acknowledged)
+        raise StoreError("claim could not reach the shard that owns its key")
+
+    def _node_client(self, key: str) -> Any:
+        client = self.client
+        if hasattr(client, "get_node_from_key"):  # RedisCluster: the primary of the key's slot
+            return client.get_node_from_key(key).redis_connection
+        return client
+
+
+def _redirected(exc: Exception) -> bool:
+    message = str(exc)
+    return "MOVED " in message or "ASK " in message
