@@ -42,7 +42,7 @@ _instance: BaseStorage | None = None
 
 def storage_class() -> type[BaseStorage]:
     if settings.IDEMPOTENCY_STORE == "cache":
-        from django_idempotency.storage.cache import store_class_for
+        from django_idempotency.storage.cache_add import store_class_for
 
         return store_class_for()
     path = ALIASES.get(settings.IDEMPOTENCY_STORE, settings.IDEMPOTENCY_STORE)

@@ -2,65 +2,26 @@
 
 ``IDEMPOTENCY_STORE = "cache"`` picks this store when the cache is Redis (django-redis, or
 Django's own ``RedisCache``) and :class:`~django_idempotency.storage.cache_add.CacheAddStorage`
-for any other cache (see :func:`store_class_for`). The scripts are the ones ``RedisStorage`` runs
-(``storage/lua.py``); this store only names keys the way the cache does (``KEY_PREFIX``,
-``VERSION``) and borrows the cache's raw redis-py client. The raw client is used on purpose: the
-cache backend's serializer would pickle values, and django-redis ``IGNORE_EXCEPTIONS`` would turn
-an unreachable server into answers that look like "no record", an outcome this layer must never
-guess.
+for any other cache (see ``cache_add.store_class_for``). The scripts are the ones
+``RedisStorage`` runs (``storage/lua.py``); this store only names keys the way the cache does
+(``KEY_PREFIX``, ``VERSION``) and borrows the cache's raw redis-py client. The raw client is used
+on purpose: the cache backend's serializer would pickle values, and django-redis
+``IGNORE_EXCEPTIONS`` would turn an unreachable server into answers that look like "no record", an
+outcome this layer must never guess.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from django.core.cache import InvalidCacheBackendError, caches
+from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
-from django.core.cache.backends.dummy import DummyCache
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.conf import settings
 from django_idempotency.keys import hash_key
-from django_idempotency.storage.base import BaseStorage
+from django_idempotency.storage.cache_add import configured_cache, is_redis
 from django_idempotency.storage.lua import LuaStorage
-
-
-def configured_cache(alias: str) -> BaseCache:
-    """The cache behind ``alias``, refused when it cannot hold a record at all."""
-    try:
-        cache = caches[alias]
-    except InvalidCacheBackendError as exc:
-        raise ImproperlyConfigured(
-            f"IDEMPOTENCY_CACHE_ALIAS = {alias!r} is not a configured cache: {exc}"
-        ) from exc
-    if isinstance(cache, DummyCache):
-        raise ImproperlyConfigured(
-            f"The idempotency cache {alias!r} is a DummyCache, which stores nothing: "
-            "every retry would run again. Use Redis, or IDEMPOTENCY_STORE = 'db'."
-        )
-    return cache
-
-
-def is_redis(cache: BaseCache) -> bool:
-    from django.core.cache.backends.redis import RedisCache
-
-    if isinstance(cache, RedisCache):
-        return True
-    try:
-        from django_redis.cache import RedisCache as DjangoRedisCache  # type: ignore[import-untyped]
-    except ImportError:
-        return False
-    return isinstance(cache, DjangoRedisCache)
-
-
-def store_class_for(alias: str | None = None) -> type[BaseStorage]:
-    """The store ``IDEMPOTENCY_STORE = "cache"`` stands for: Lua on Redis, ``add()`` elsewhere."""
-    cache = configured_cache(alias or settings.IDEMPOTENCY_CACHE_ALIAS)
-    if is_redis(cache):
-        return CacheStorage
-    from django_idempotency.storage.cache_add import CacheAddStorage
-
-    return CacheAddStorage
 
 
 class CacheStorage(LuaStorage):

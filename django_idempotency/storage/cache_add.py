@@ -21,8 +21,10 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.core.cache import caches
+from django.core.cache import InvalidCacheBackendError, caches
 from django.core.cache.backends.base import BaseCache
+from django.core.cache.backends.dummy import DummyCache
+from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
@@ -38,7 +40,45 @@ from django_idempotency.storage.base import (
     new_token,
     store_errors,
 )
-from django_idempotency.storage.cache import configured_cache
+
+
+def configured_cache(alias: str) -> BaseCache:
+    """The cache behind ``alias``, refused when it cannot hold a record at all."""
+    try:
+        cache = caches[alias]
+    except InvalidCacheBackendError as exc:
+        raise ImproperlyConfigured(
+            f"IDEMPOTENCY_CACHE_ALIAS = {alias!r} is not a configured cache: {exc}"
+        ) from exc
+    if isinstance(cache, DummyCache):
+        raise ImproperlyConfigured(
+            f"The idempotency cache {alias!r} is a DummyCache, which stores nothing: "
+            "every retry would run again. Use Redis, or IDEMPOTENCY_STORE = 'db'."
+        )
+    return cache
+
+
+def is_redis(cache: BaseCache) -> bool:
+    from django.core.cache.backends.redis import RedisCache
+
+    if isinstance(cache, RedisCache):
+        return True
+    try:
+        from django_redis.cache import RedisCache as DjangoRedisCache  # type: ignore[import-untyped]
+    except ImportError:
+        return False
+    return isinstance(cache, DjangoRedisCache)
+
+
+def store_class_for(alias: str | None = None) -> type[BaseStorage]:
+    """The store ``IDEMPOTENCY_STORE = "cache"`` stands for: Lua on Redis, ``add()`` elsewhere."""
+    cache = configured_cache(alias or settings.IDEMPOTENCY_CACHE_ALIAS)
+    if is_redis(cache):
+        # Only a Redis cache needs redis-py, and only then is storage/cache.py imported.
+        from django_idempotency.storage.cache import CacheStorage
+
+        return CacheStorage
+    return CacheAddStorage
 
 
 def _dump(data: dict[str, Any]) -> str:

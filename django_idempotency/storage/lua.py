@@ -20,6 +20,12 @@ import math
 from datetime import datetime, timedelta
 from typing import Any
 
+# Imported with this module, never lazily inside a call: the first request of a busy process
+# arrives on many threads at once, and redis-py's package (which imports redis.asyncio, which
+# imports redis.cluster...) does not survive being imported by several threads together; the
+# loser got an ImportError, hence a 500, under the cluster storm test.
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
 from django_idempotency.exceptions import StoreError
 from django_idempotency.storage import records
 from django_idempotency.storage.base import (
@@ -95,8 +101,6 @@ class Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     def __call__(self, client: Any, key: str, *args: str) -> Any:
-        from redis.exceptions import NoScriptError
-
         try:
             return client.evalsha(self.sha, 1, key, *args)
         except NoScriptError:
@@ -111,13 +115,10 @@ RELEASE_SCRIPT = Script(_RELEASE)
 RENEW_SCRIPT = Script(_RENEW)
 
 
-def redis_errors() -> tuple[type[BaseException], ...]:
-    """What redis-py raises when an outcome is unknown: the cluster's base error is no
-    ``RedisError`` (a cluster with no reachable node for a slot raises it), sockets may leak
-    ``OSError``."""
-    from redis.exceptions import RedisClusterException, RedisError
-
-    return (RedisError, RedisClusterException, OSError)
+#: What redis-py raises when an outcome is unknown: the cluster's base error is no
+#: ``RedisError`` (a cluster with no reachable node for a slot raises it), sockets may leak
+#: ``OSError``.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 
 def claim_arguments(
@@ -164,7 +165,7 @@ class LuaStorage(BaseStorage):
         """The redis-py client (plain, Sentinel-managed or cluster) that runs ``key``'s scripts."""
 
     def _run(self, script: Script, stage: str, key: str, *args: str) -> Any:
-        with store_errors(stage, redis_errors()):
+        with store_errors(stage, REDIS_ERRORS):
             return script(self.client_for(key), key, *args)
 
     def claim(
@@ -217,7 +218,7 @@ class LuaStorage(BaseStorage):
 
     def get(self, scope: str, key_hash: str) -> Record | None:
         key = self.record_key(scope, key_hash)
-        with store_errors("get", redis_errors()):
+        with store_errors("get", REDIS_ERRORS):
             fields = self.client_for(key).hgetall(key)
         if not fields:
             return None

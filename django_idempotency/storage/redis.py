@@ -26,6 +26,7 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
@@ -35,10 +36,10 @@ from django_idempotency.keys import hash_key
 from django_idempotency.storage.base import Claim, new_token, store_errors
 from django_idempotency.storage.lua import (
     CLAIM_SCRIPT,
+    REDIS_ERRORS,
     LuaStorage,
     claim_arguments,
     claim_outcome,
-    redis_errors,
 )
 
 logger = logging.getLogger("django_idempotency")
@@ -70,8 +71,6 @@ def build_client() -> Any:
             'IDEMPOTENCY_STORE = "redis" needs IDEMPOTENCY_REDIS_URL (redis://, rediss:// or '
             "unix://) or IDEMPOTENCY_REDIS_CLIENT (a dotted path to a client factory)."
         )
-    import redis
-
     # Options in the URL's query win over these defaults (redis-py merges them last).
     return redis.Redis.from_url(
         url, socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT
@@ -142,7 +141,7 @@ class RedisStorage(LuaStorage):
         key = self.record_key(scope, key_hash)
         token = new_token()
         arguments = claim_arguments(fingerprint, token, now=now, lease=lease, ttl=ttl)
-        with store_errors("claim", redis_errors()):
+        with store_errors("claim", REDIS_ERRORS):
             answer, acknowledged = self._claim_and_wait(key, arguments)
         outcome = claim_outcome(answer, token)
         if outcome.won and acknowledged < self.wait_replicas:
@@ -160,8 +159,6 @@ class RedisStorage(LuaStorage):
         """The claim and ``WAIT`` in one pipeline, hence on one connection: ``WAIT`` counts the
         replicas that have this connection's writes, so any other connection would measure
         something else."""
-        from redis.exceptions import NoScriptError, ResponseError
-
         for _ in range(3):
             node = self._node_client(key)
             pipe = node.pipeline(transaction=False)
@@ -169,10 +166,10 @@ class RedisStorage(LuaStorage):
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout)
             try:
                 answer, acknowledged = pipe.execute()
-            except NoScriptError:
+            except redis.exceptions.NoScriptError:
                 node.script_load(CLAIM_SCRIPT.source)
                 continue
-            except ResponseError as exc:
+            except redis.exceptions.ResponseError as exc:
                 # The cluster moved the slot since the topology was read: read it again.
                 if not _redirected(exc):
                     raise

@@ -1,0 +1,589 @@
+"""The Redis store's own behaviour: its settings, its client, and drills on real Cluster and
+Sentinel set-ups and a replica that stops acknowledging.
+
+The drills start real servers on loopback (``tests/redis_servers.py``; the session fixtures are
+in ``tests/conftest.py``) and real server processes of the test project (``tests/serve.py``)
+with ``IDEMPOTENCY_STORE = "redis"`` on a cluster or Sentinel client. They count ``Payment``
+rows per key, the business side effect: each key is sent by its own user, so a payment's user
+names the key it was made for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+
+from django_idempotency.checks import check_settings
+from django_idempotency.exceptions import StoreError
+from django_idempotency.keys import ANONYMOUS_SCOPE, hash_key
+from django_idempotency.storage import get_storage
+from django_idempotency.storage.base import StoredResponse
+from django_idempotency.storage.redis import RedisStorage
+from tests import redis_servers
+from tests.test_concurrency import (
+    Outcome,
+    Server,
+    check_storm,
+    http_post,
+    run_together,
+    start_servers,
+    stop_servers,
+    summary,
+)
+from tests.testapp.models import Payment
+
+LEASE = timedelta(seconds=60)
+TTL = timedelta(hours=24)
+PATH = "/mixin/payments/"
+
+
+def _ids(**overrides: Any) -> list[str]:
+    with override_settings(IDEMPOTENCY_STORE="redis", **overrides):
+        return [str(message.id) for message in check_settings()]
+
+
+# --- settings and checks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"IDEMPOTENCY_REDIS_URL": "http://redis:6379/0"},
+        {"IDEMPOTENCY_REDIS_CLIENT": "no.such.factory"},
+        {"IDEMPOTENCY_REDIS_CLIENT": "django_idempotency.storage.redis.SAFE_EVICTION_POLICIES"},
+        {"IDEMPOTENCY_REDIS_URL": "redis://r/0", "IDEMPOTENCY_REDIS_KEY_PREFIX": "idem:{all}:"},
+    ],
+    ids=["nothing", "not-a-redis-url", "no-import", "not-callable", "hash-tag"],
+)
+def test_check_e008(overrides: dict[str, Any]) -> None:
+    with override_settings(IDEMPOTENCY_REDIS_URL="", IDEMPOTENCY_REDIS_CLIENT=""):
+        assert "django_idempotency.E008" in _ids(**overrides)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://r:6379/0", "rediss://r:6380/1", "unix:///run/redis.sock?db=2"]
+)
+def test_each_url_scheme_passes_the_checks(url: str) -> None:
+    with override_settings(IDEMPOTENCY_REDIS_CLIENT=""):
+        assert _ids(IDEMPOTENCY_REDIS_URL=url) == []
+    assert _ids(IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client") == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"IDEMPOTENCY_REDIS_WAIT_REPLICAS": -1}, {"IDEMPOTENCY_REDIS_WAIT_TIMEOUT": -5}],
+)
+def test_negative_wait_settings_are_e002(overrides: dict[str, Any]) -> None:
+    assert "django_idempotency.E002" in _ids(IDEMPOTENCY_REDIS_URL="redis://r/0", **overrides)
+
+
+def test_store_without_a_server_setting_is_refused() -> None:
+    with (
+        override_settings(
+            IDEMPOTENCY_STORE="redis", IDEMPOTENCY_REDIS_URL="", IDEMPOTENCY_REDIS_CLIENT=""
+        ),
+        pytest.raises(ImproperlyConfigured, match="IDEMPOTENCY_REDIS_URL"),
+    ):
+        get_storage().client  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_keys_carry_no_hash_tag_and_hide_scope_and_key() -> None:
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_URL="redis://r/0",
+        IDEMPOTENCY_REDIS_KEY_PREFIX="idempotency:",
+    ):
+        store = get_storage()
+        assert isinstance(store, RedisStorage)
+        key = store.record_key("user:alice@example.com", "k-1")
+    assert key.startswith("idempotency:")
+    assert "{" not in key and "}" not in key
+    assert "alice" not in key and "k-1" not in key
+
+
+_BUILT: list[object] = []
+
+
+def counting_factory() -> object:
+    """An ``IDEMPOTENCY_REDIS_CLIENT`` that records each client it builds."""
+    import redis
+
+    client = redis.Redis.from_url(
+        os.environ.get("IDEMPOTENCY_TEST_REDIS_URL", "redis://127.0.0.1:1")
+    )
+    _BUILT.append(client)
+    return client
+
+
+def test_client_is_built_once_and_rebuilt_when_a_setting_changes() -> None:
+    _BUILT.clear()
+    path = f"{__name__}.counting_factory"
+    with override_settings(IDEMPOTENCY_STORE="redis", IDEMPOTENCY_REDIS_CLIENT=path):
+        store = get_storage()
+        assert isinstance(store, RedisStorage)
+        seen = {id(store.client) for _ in range(20)}
+        threads = [threading.Thread(target=lambda: store.client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert get_storage() is store
+        assert len(seen) == 1 and len(_BUILT) == 1
+        with override_settings(IDEMPOTENCY_REDIS_KEY_PREFIX="other:"):
+            again = get_storage()
+            assert isinstance(again, RedisStorage)
+            assert again is not store
+            assert again.client is not store.client
+    assert len(_BUILT) == 2
+
+
+def _closed_port() -> int:
+    return redis_servers.free_port()
+
+
+@pytest.mark.parametrize("kind", ["url", "cluster-client"])
+def test_unreachable_server_is_a_store_error_on_every_operation(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = _closed_port()
+    overrides = {
+        "IDEMPOTENCY_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "IDEMPOTENCY_REDIS_CLIENT": "",
+    }
+    if kind == "cluster-client":
+        # A cluster client builds itself by reading the topology: no node answers at all.
+        monkeypatch.setenv("IDEMPOTENCY_TEST_CLUSTER_NODES", f"127.0.0.1:{port}")
+        overrides["IDEMPOTENCY_REDIS_CLIENT"] = "tests.redis_servers.cluster_client"
+    now = timezone.now()
+    with override_settings(IDEMPOTENCY_STORE="redis", **overrides):
+        store = get_storage()
+        calls: list[Callable[[], object]] = [
+            lambda: store.claim("s", "k", "fp", now=now, lease=LEASE, ttl=TTL),
+            lambda: store.complete("s", "k", "t", StoredResponse(201, (), b""), now=now),
+            lambda: store.renew("s", "k", "t", now=now, lease=LEASE),
+            lambda: store.release("s", "k", "t"),
+            lambda: store.get("s", "k"),
+        ]
+        for call in calls:
+            with pytest.raises(StoreError, match="failed"):
+                call()
+
+
+# --- real servers -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[redis_servers.Server, redis_servers.Server]]:
+    """A primary and its replica of our own, to stop and reconfigure at will."""
+    from tests.conftest import _servers_or_skip
+
+    _servers_or_skip()
+    primary = redis_servers.start_server(tmp_path / "primary", [])
+    replica = redis_servers.start_server(
+        tmp_path / "replica", ["--replicaof", "127.0.0.1", str(primary.port)]
+    )
+    try:
+        redis_servers.wait_until(
+            lambda: replica.client().info("replication").get("master_link_status") == "up",
+            "the replica to sync",
+        )
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+def test_evicting_policy_is_warned_about_once(
+    pair: tuple[redis_servers.Server, redis_servers.Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, _ = pair
+    url = f"redis://127.0.0.1:{primary.port}/0"
+    with override_settings(IDEMPOTENCY_STORE="redis", IDEMPOTENCY_REDIS_URL=url):
+        with caplog.at_level(logging.WARNING, logger="django_idempotency"):
+            get_storage().client  # type: ignore[attr-defined]  # noqa: B018
+        assert "maxmemory-policy" not in caplog.text  # noeviction, the default
+        primary.client().config_set("maxmemory", "100mb")
+        primary.client().config_set("maxmemory-policy", "volatile-lru")
+        with (
+            override_settings(IDEMPOTENCY_REDIS_KEY_PREFIX="p2:"),
+            caplog.at_level(logging.WARNING, logger="django_idempotency"),
+        ):
+            store = get_storage()
+            store.client  # type: ignore[attr-defined]  # noqa: B018
+            store.client  # type: ignore[attr-defined]  # noqa: B018
+    warnings = [r for r in caplog.records if "maxmemory-policy volatile-lru" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+# --- replica-acknowledged claims --------------------------------------------------------------
+
+
+def _wait_store(primary: redis_servers.Server, replicas: int) -> RedisStorage:
+    store = get_storage()
+    assert isinstance(store, RedisStorage)
+    assert store.wait_replicas == replicas
+    return store
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claim_without_a_replica_acknowledgement_is_503_and_the_view_does_not_run(
+    pair: tuple[redis_servers.Server, redis_servers.Server], client: Any
+) -> None:
+    primary, replica = pair
+    url = f"redis://127.0.0.1:{primary.port}/0"
+    key = "wait-1"
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_URL=url,
+        IDEMPOTENCY_REDIS_CLIENT="",
+        IDEMPOTENCY_REDIS_WAIT_REPLICAS=1,
+        IDEMPOTENCY_REDIS_WAIT_TIMEOUT=200,
+    ):
+        store = _wait_store(primary, 1)
+        ok = client.post(
+            PATH,
+            {"amount": 5},
+            content_type="application/json",
+            headers={"Idempotency-Key": "wait-0"},
+        )
+        assert ok.status_code == 201
+        assert Payment.objects.count() == 1
+
+        replica.stop()
+        redis_servers.wait_until(
+            lambda: primary.client().info("replication").get("connected_slaves") == 0,
+            "the primary to notice its replica left",
+        )
+        started = time.monotonic()
+        refused = client.post(
+            PATH, {"amount": 5}, content_type="application/json", headers={"Idempotency-Key": key}
+        )
+        elapsed = time.monotonic() - started
+        assert refused.status_code == 503
+        assert refused.json()["type"].endswith("#idempotency-store-unavailable")
+        assert int(refused["Retry-After"]) >= 1
+        assert Payment.objects.count() == 1  # the view did not run
+        assert elapsed >= 0.2  # it waited for the acknowledgement it never got
+        # The claim was released, so the retry is not stuck behind a 409 for a lease.
+        assert store.get(ANONYMOUS_SCOPE, hash_key(ANONYMOUS_SCOPE, key)) is None
+
+        replica.restart()
+        redis_servers.wait_until(
+            lambda: replica.client().info("replication").get("master_link_status") == "up",
+            "the replica to sync again",
+        )
+        retry = client.post(
+            PATH, {"amount": 5}, content_type="application/json", headers={"Idempotency-Key": key}
+        )
+        assert retry.status_code == 201
+        assert Payment.objects.count() == 2
+
+
+def test_wait_latency_with_the_replica_up(
+    pair: tuple[redis_servers.Server, redis_servers.Server], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A short, bounded measurement of what ``WAIT 1`` adds to a claim; docs/stores.md quotes it.
+
+    It asserts only that the wait is bounded by its timeout, not a speed: the figure depends on
+    the machine.
+    """
+    primary, _ = pair
+    url = f"redis://127.0.0.1:{primary.port}/0"
+    rounds = 300
+    figures: dict[int, float] = {}
+    for replicas in (0, 1):
+        with override_settings(
+            IDEMPOTENCY_STORE="redis",
+            IDEMPOTENCY_REDIS_URL=url,
+            IDEMPOTENCY_REDIS_CLIENT="",
+            IDEMPOTENCY_REDIS_WAIT_REPLICAS=replicas,
+            IDEMPOTENCY_REDIS_WAIT_TIMEOUT=100,
+        ):
+            store = _wait_store(primary, replicas)
+            now = timezone.now()
+            store.claim("warm", "up", "fp", now=now, lease=LEASE, ttl=TTL)
+            samples = []
+            for i in range(rounds):
+                started = time.perf_counter()
+                claim = store.claim(f"m{replicas}", str(i), "fp", now=now, lease=LEASE, ttl=TTL)
+                samples.append(time.perf_counter() - started)
+                assert claim.won
+            samples.sort()
+            figures[replicas] = samples[len(samples) // 2] * 1000
+            assert samples[-1] < 0.1 + 0.5  # never the timeout plus more than scheduling noise
+    with capsys.disabled():
+        print(
+            f"\nclaim median over {rounds}: {figures[0]:.3f} ms without WAIT, "
+            f"{figures[1]:.3f} ms with WAIT 1 (replica up, loopback)"
+        )
+
+
+# --- drills over HTTP, with server processes --------------------------------------------------
+
+
+class Payer:
+    """One user per key: ``Payment.user`` then says which key a payment was made for."""
+
+    def __init__(self) -> None:
+        user = get_user_model().objects.create_user(username=f"p-{uuid.uuid4().hex[:10]}")
+        self.user = user
+        self.token = Token.objects.create(user=user).key
+        self.key = str(uuid.uuid4())
+        self.scope = f"user:{user.pk}"
+
+    def payments(self) -> int:
+        return int(Payment.objects.filter(user=self.user).count())
+
+
+@pytest.fixture
+def serve_with(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., list[Server]]]:
+    """Start ``tests.serve`` processes on the Redis store with a client factory."""
+    running: list[Server] = []
+
+    def start(client_path: str, count: int = 3, delay: float = 0.2) -> list[Server]:
+        monkeypatch.setenv("IDEMPOTENCY_TEST_STORE", "redisstore")
+        monkeypatch.setenv("IDEMPOTENCY_TEST_REDIS_CLIENT", client_path)
+        servers = start_servers(count, tmp_path, delay=delay)
+        running.extend(servers)
+        return servers
+
+    yield start
+    stop_servers([s.process for s in running])
+
+
+def _logs(servers: list[Server]) -> str:
+    return "\n".join(s.stderr_tail() for s in servers)
+
+
+def _record_key(payer: Payer) -> str:
+    from tests import settings as test_settings
+
+    prefix = f"{test_settings.REDIS_KEY_PREFIX}:"
+    return f"{prefix}{hash_key(payer.scope, hash_key(payer.scope, payer.key))}"
+
+
+def _held_by(server: redis_servers.Server, payers: list[Payer]) -> list[Payer]:
+    """The payers whose record is on ``server`` (a SCAN of one node sees only its own keys)."""
+    from tests import settings as test_settings
+
+    keys = {
+        k.decode() for k in server.client().scan_iter(match=f"{test_settings.REDIS_KEY_PREFIX}:*")
+    }
+    return [p for p in payers if _record_key(p) in keys]
+
+
+def _primaries_holding(cluster: redis_servers.Cluster, payers: list[Payer]) -> set[int]:
+    return {primary.port for primary in cluster.primaries() if _held_by(primary, payers)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cluster_storm_runs_each_key_once_on_every_primary(
+    redis_cluster: redis_servers.Cluster, serve_with: Callable[..., list[Server]]
+) -> None:
+    servers = serve_with("tests.redis_servers.cluster_client")
+    payers = [Payer() for _ in range(20)]
+    outcomes: list[Outcome] = []
+    for start in range(0, 20, 5):  # 5 keys x 50 requests at once, four times
+        batch = payers[start : start + 5]
+        calls: list[Callable[[], Outcome]] = [
+            partial(http_post, servers[i % 3].url + PATH, p.key, p.token, p.key)
+            for i in range(50)
+            for p in batch
+        ]
+        outcomes.extend(run_together(calls))
+    logs = _logs(servers)
+    assert "Traceback" not in logs, logs
+    for payer in payers:
+        check_storm([o for o in outcomes if o.label == payer.key])
+        assert payer.payments() == 1
+    assert Payment.objects.count() == 20
+    assert _primaries_holding(redis_cluster, payers) == {p.port for p in redis_cluster.primaries()}
+    assert len(redis_cluster.primaries()) == 3
+
+
+def _final(url: str, payer: Payer, deadline: float) -> Outcome:
+    """POST until the answer is final (201), as a retrying client does."""
+    while True:
+        outcome = http_post(url, payer.key, payer.token, payer.key)
+        if outcome.status not in (409, 503) or time.monotonic() > deadline:
+            return outcome
+        time.sleep(0.1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cluster_primary_killed_mid_run_gives_503s_then_exactly_once(
+    redis_cluster: redis_servers.Cluster, serve_with: Callable[..., list[Server]]
+) -> None:
+    servers = serve_with("tests.redis_servers.cluster_client", delay=0.0)
+    before = [Payer() for _ in range(12)]
+    for payer in before:
+        assert http_post(servers[0].url + PATH, payer.key, payer.token).fresh
+    first_bodies = {p.key: p.payments() for p in before}
+    assert set(first_bodies.values()) == {1}
+    victim = redis_cluster.primaries()[0]
+    on_victim = _held_by(victim, before)
+    assert on_victim, "no key on the primary to be killed; the keys do not spread"
+
+    # Traffic that runs through the kill: replays of finished keys, and fresh keys sent once
+    # the primary is gone (their claims cannot have been acknowledged by the dead primary).
+    during = [Payer() for _ in range(12)]
+    seen: list[Outcome] = []
+    stop = threading.Event()
+    killed = threading.Event()
+    errors: list[BaseException] = []
+
+    def traffic(index: int) -> None:
+        try:
+            i = index
+            while not stop.is_set():
+                pool = before + (during if killed.is_set() else [])
+                payer = pool[i % len(pool)]
+                seen.append(http_post(servers[i % 3].url + PATH, payer.key, payer.token, payer.key))
+                i += 7
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=traffic, args=(n,), daemon=True) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    victim.kill()
+    killed.set()
+    try:
+        redis_servers.wait_until(redis_cluster.healthy, "the replica to take over", timeout=30)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    logs = _logs(servers)
+    statuses = Counter(o.status for o in seen)
+    assert statuses[500] == 0, (summary(seen), logs)
+    assert set(statuses) <= {201, 409, 503}, summary(seen)
+    assert statuses[503] > 0, f"no 503 while a primary was down: {summary(seen)}"
+    for outcome in seen:
+        if outcome.status == 503:
+            assert outcome.problem == "idempotency-store-unavailable"
+    assert "Traceback" not in logs, logs
+
+    # After the takeover: every key's answer is final, and every key ran exactly once.
+    deadline = time.monotonic() + 30
+    after = [Payer() for _ in range(6)]
+    for payer in before + during + after:
+        final = _final(servers[1].url + PATH, payer, deadline)
+        assert final.status == 201, (payer.key, final.describe())
+    for payer in before:
+        assert payer.payments() == 1
+    for payer in during + after:
+        assert payer.payments() == 1
+    finished_replays = [o for o in seen if o.status == 201 and o.label in first_bodies]
+    assert all(o.replayed for o in finished_replays)
+    # The killed primary comes back as a replica, so the next test has a whole cluster again.
+    victim.restart()
+    redis_servers.wait_until(
+        lambda: victim.client().info("replication").get("master_link_status") == "up",
+        "the old primary to rejoin as a replica",
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sentinel_failover_during_a_run_is_followed_without_a_restart(
+    redis_sentinel: redis_servers.SentinelSet, serve_with: Callable[..., list[Server]]
+) -> None:
+    """The primary dies in the middle of a run; the Sentinels promote the replica.
+
+    The primary is killed rather than demoted with ``SENTINEL FAILOVER``: a demoted primary keeps
+    accepting writes until the Sentinels reconfigure it, and what it accepted then is lost when it
+    resyncs (docs/stores.md, Sentinel). Fresh keys join the traffic once the primary is gone, so
+    that none of them can have a claim that only the dead primary acknowledged.
+    """
+    servers = serve_with("tests.redis_servers.sentinel_client", delay=0.0)
+    old = redis_sentinel.by_port(redis_sentinel.current_primary_port())
+    before = [Payer() for _ in range(6)]
+    for payer in before:
+        assert http_post(servers[0].url + PATH, payer.key, payer.token).fresh
+
+    during = [Payer() for _ in range(8)]
+    seen: list[Outcome] = []
+    stop = threading.Event()
+    killed = threading.Event()
+    errors: list[BaseException] = []
+
+    def traffic(index: int) -> None:
+        try:
+            i = index
+            while not stop.is_set():
+                pool = before + (during if killed.is_set() else [])
+                payer = pool[i % len(pool)]
+                seen.append(http_post(servers[i % 3].url + PATH, payer.key, payer.token, payer.key))
+                i += 5
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=traffic, args=(n,), daemon=True) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    old.kill()
+    killed.set()
+    try:
+        redis_servers.wait_until(
+            lambda: redis_sentinel.current_primary_port() != old.port,
+            "the Sentinels to promote the replica",
+        )
+        new_primary = redis_sentinel.by_port(redis_sentinel.current_primary_port())
+        redis_servers.wait_until(
+            lambda: new_primary.client().info("replication").get("role") == "master",
+            "the replica to become primary",
+        )
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    statuses = Counter(o.status for o in seen)
+    assert statuses[500] == 0, summary(seen)
+    assert set(statuses) <= {201, 409, 503}, summary(seen)
+    assert statuses[503] > 0, f"no 503 while the primary was down: {summary(seen)}"
+    logs = _logs(servers)
+    assert "Traceback" not in logs, logs
+
+    deadline = time.monotonic() + 30
+    fresh = Payer()
+    for payer in [*before, *during, fresh]:
+        final = _final(servers[2].url + PATH, payer, deadline)
+        assert final.status == 201, (payer.key, final.describe())
+    # The same server processes, never restarted, now write to the new primary.
+    assert _held_by(new_primary, [fresh]) == [fresh]
+    for payer in [*before, *during, fresh]:
+        assert payer.payments() == 1
+    replays = [o for o in seen if o.status == 201 and o.label in {p.key for p in before}]
+    assert all(o.replayed for o in replays)
+
+    # The old primary comes back; the Sentinels turn it into a replica of the new one.
+    old.restart()
+    redis_servers.wait_until(
+        lambda: old.client().info("replication").get("master_link_status") == "up",
+        "the old primary to rejoin as a replica",
+    )
