@@ -587,3 +587,60 @@ def test_sentinel_failover_during_a_run_is_followed_without_a_restart(
         lambda: old.client().info("replication").get("master_link_status") == "up",
         "the old primary to rejoin as a replica",
     )
+
+
+def test_wait_on_a_cluster_runs_on_the_primary_that_owns_each_key(
+    redis_cluster: redis_servers.Cluster,
+) -> None:
+    """With ``WAIT`` the claim goes through the key's primary directly (one connection for the
+    claim and its ``WAIT``): every claim must still land on the right shard, and be counted."""
+    prefix = f"idem-wait-{uuid.uuid4().hex[:8]}:"
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client",
+        IDEMPOTENCY_REDIS_KEY_PREFIX=prefix,
+        IDEMPOTENCY_REDIS_WAIT_REPLICAS=1,
+        IDEMPOTENCY_REDIS_WAIT_TIMEOUT=1000,
+    ):
+        store = get_storage()
+        assert isinstance(store, RedisStorage)
+        now = timezone.now()
+        for i in range(30):
+            assert store.claim("s", f"k{i}", "fp", now=now, lease=LEASE, ttl=TTL).won
+            assert not store.claim("s", f"k{i}", "fp", now=now, lease=LEASE, ttl=TTL).won
+        holders = {
+            primary.port
+            for primary in redis_cluster.primaries()
+            if list(primary.client().scan_iter(match=f"{prefix}*"))
+        }
+        assert holders == {p.port for p in redis_cluster.primaries()}
+        for primary in redis_cluster.primaries():
+            for key in list(primary.client().scan_iter(match=f"{prefix}*")):
+                primary.client().delete(key)
+
+
+def test_wait_claim_follows_a_moved_slot(
+    redis_cluster: redis_servers.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A topology read before a slot moved sends the claim to the wrong primary, which answers
+    MOVED: the store reads the topology again and claims on the right one."""
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client",
+        IDEMPOTENCY_REDIS_KEY_PREFIX=f"idem-moved-{uuid.uuid4().hex[:8]}:",
+        IDEMPOTENCY_REDIS_WAIT_REPLICAS=1,
+        IDEMPOTENCY_REDIS_WAIT_TIMEOUT=1000,
+    ):
+        store = get_storage()
+        assert isinstance(store, RedisStorage)
+        key = store.record_key("s", "k")
+        right = store.client.get_node_from_key(key)
+        wrong = next(n for n in store.client.get_primaries() if n.name != right.name)
+        stale = [wrong.redis_connection]
+        real = RedisStorage._node_client
+        monkeypatch.setattr(
+            RedisStorage, "_node_client", lambda self, k: stale.pop() if stale else real(self, k)
+        )
+        claim = store.claim("s", "k", "fp", now=timezone.now(), lease=LEASE, ttl=TTL)
+        assert claim.won and not stale
+        assert store.release("s", "k", claim.token or "")

@@ -169,10 +169,9 @@ class RedisStorage(LuaStorage):
             except redis.exceptions.NoScriptError:
                 node.script_load(CLAIM_SCRIPT.source)
                 continue
-            except redis.exceptions.ResponseError as exc:
-                # The cluster moved the slot since the topology was read: read it again.
-                if not _redirected(exc):
-                    raise
+            except redis.exceptions.AskError:
+                # MOVED (a MovedError is an AskError) or ASK: the slot moved since the topology
+                # was read. The claim did not run there; read the topology again and retry.
                 self.client.nodes_manager.initialize()
                 continue
             return answer, int(acknowledged)
@@ -183,8 +182,3 @@ class RedisStorage(LuaStorage):
         if hasattr(client, "get_node_from_key"):  # RedisCluster: the primary of the key's slot
             return client.get_node_from_key(key).redis_connection
         return client
-
-
-def _redirected(exc: Exception) -> bool:
-    message = str(exc)
-    return "MOVED " in message or "ASK " in message
