@@ -54,6 +54,11 @@ def main() -> None:
 
     from tests.testapp import views
 
+    # get_wsgi_application() runs django.setup() again, whose logging dictConfig resets the
+    # handlers of every existing child of the "django" logger: build the app before adding ours,
+    # or view exceptions (django.request) never reach the log the tests read.
+    application = get_wsgi_application()
+
     views.DELAY = float(os.environ.get("IDEMPOTENCY_SERVE_DELAY", "0"))
     write_delay = float(os.environ.get("IDEMPOTENCY_SERVE_WRITE_DELAY", "0"))
     if write_delay:
@@ -66,7 +71,7 @@ def main() -> None:
         logging.getLogger(logger_name).addHandler(handler)
 
     server = _Server(("127.0.0.1", 0), WSGIRequestHandler, allow_reuse_address=False)
-    server.set_app(get_wsgi_application())
+    server.set_app(application)
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
