@@ -301,8 +301,8 @@ def test_wait_latency_with_the_replica_up(
 ) -> None:
     """A short, bounded measurement of what ``WAIT 1`` adds to a claim; docs/stores.md quotes it.
 
-    It asserts only that the wait is bounded by its timeout, not a speed: the figure depends on
-    the machine.
+    It asserts no speed, which depends on the machine: only that the median claim returns before
+    the wait's timeout, i.e. on the replica's acknowledgement rather than by giving up.
     """
     primary, _ = pair
     url = f"redis://127.0.0.1:{primary.port}/0"
@@ -327,7 +327,8 @@ def test_wait_latency_with_the_replica_up(
                 assert claim.won
             samples.sort()
             figures[replicas] = samples[len(samples) // 2] * 1000
-            assert samples[-1] < 0.1 + 0.5  # never the timeout plus more than scheduling noise
+            # Under the 100 ms timeout: WAIT returned on the replica's acknowledgement.
+            assert figures[replicas] < 100
     with capsys.disabled():
         print(
             f"\nclaim median over {rounds}: {figures[0]:.3f} ms without WAIT, "
