@@ -8,12 +8,14 @@ one shared ``RetryPolicy`` is that they behave alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -444,3 +446,91 @@ def test_a_reused_key_gets_its_422_at_once(kind: str, gunicorn: Gunicorn, token:
     assert reply.result.attempts == 1
     assert len(proxy.seen) == 1
     assert Payment.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_attempts": 0}, {"backoff": -1}, {"max_retry_after": -1}, {"deadline": 0}],
+    ids=str,
+)
+def test_a_policy_out_of_range_is_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**options)
+
+
+def test_without_a_deadline_only_the_attempts_bound_the_call() -> None:
+    attempts = _Attempts(RetryPolicy(deadline=None, max_attempts=2), rng=lambda: 0.5)
+    attempts.begin()
+    assert attempts.remaining() is None
+    assert attempts.timeout(None) is None
+    assert attempts.timeout(3) == 3
+    assert attempts.wait(100) is None  # above max_retry_after
+    assert attempts.wait(None) == 0.25
+
+
+def test_requests_caps_a_connect_read_timeout_pair_and_sends_patch_put_delete() -> None:
+    ok = http_answer(201, body=b"{}")
+    policy = RetryPolicy(deadline=5)
+    with ScriptedServer(ok) as server, IdempotentSession(policy=policy) as session:
+        patched = session.patch(server.url, json={"a": 1}, timeout=(60, 60))
+        put = session.put(server.url, data=b"x", idempotency_key="put-1")
+        deleted = session.delete(server.url, idempotency_key="delete-1")
+    assert idempotent_result(patched).attempts == 1
+    assert idempotent_result(put).key == "put-1"
+    assert idempotent_result(deleted).key == "delete-1"
+    assert [seen.method for seen in server.seen] == ["PATCH", "PUT", "DELETE"]
+
+
+def test_a_tls_error_is_not_retried() -> None:
+    """A plain-HTTP server spoken to over TLS: the handshake fails the same way every time."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_in_plain_http() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(http_answer(201))
+
+    thread = threading.Thread(target=answer_in_plain_http, daemon=True)
+    thread.start()
+    slept: list[float] = []
+    try:
+        with (
+            IdempotentSession(sleep=slept.append) as session,
+            pytest.raises(requests.exceptions.SSLError),
+        ):
+            session.post(f"https://127.0.0.1:{port}/", json={}, timeout=10)
+    finally:
+        listener.close()
+        thread.join(10)
+    assert slept == []
+
+
+def test_the_transport_wraps_the_given_transport_and_refuses_the_other_kind() -> None:
+    ok = http_answer(201, body=b"{}")
+    with ScriptedServer(ok) as server:
+        sync = IdempotentTransport(httpx.HTTPTransport())
+        with httpx.Client(transport=sync) as client:
+            assert idempotent_result(client.post(server.url, json={})).attempts == 1
+
+        async def misuse() -> None:
+            async with httpx.AsyncClient(transport=sync) as client:
+                await client.post(server.url, json={})
+
+        with pytest.raises(TypeError, match="is sync"):
+            asyncio.run(misuse())
+
+        asynchronous = IdempotentTransport(httpx.AsyncHTTPTransport())
+        with (
+            httpx.Client(transport=asynchronous) as client,
+            pytest.raises(TypeError, match="is async"),
+        ):
+            client.post(server.url, json={})
+
+
+def test_unknown_names_of_the_client_module_raise_attribute_error() -> None:
+    from django_idempotency import client
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        client.Nope  # noqa: B018

@@ -168,3 +168,73 @@ def test_the_package_root_and_the_plugin_import_no_client_library() -> None:
         check=True,
     )
     assert json.loads(result.stdout) == []
+
+
+def test_passes_with_multipart_and_with_a_str_body(api: APIClient) -> None:
+    assert_idempotent(
+        api, "post", "/mixin/payments/", PAYMENT, effects=payments, format="multipart"
+    )
+    assert_idempotent(api, "post", "/mixin/payments/", '{"amount": 3}', effects=payments)
+
+
+def test_another_body_differs_for_every_kind_of_data() -> None:
+    from django_idempotency.testing import _altered
+
+    assert _altered({"a": 1}) == {"a": 1, "_idempotency_probe": "another body"}
+    assert _altered([1]) == [1, "_idempotency_probe"]
+    assert json.loads(_altered(b'{"a": 1}'))["_idempotency_probe"] == "another body"
+    assert _altered("plain text") == b"plain text "
+    assert _altered(b"7") == b"7 "
+    with pytest.raises(TypeError, match="type int"):
+        _altered(7)
+
+
+class ScriptedClient:
+    """Stands in for a test client to reach the checks a real endpoint rarely fails.
+
+    Each answer is ``(status, body, replayed, effect)``; ``effect`` is added to ``count``.
+    """
+
+    def __init__(self, *answers: tuple[int, bytes, bool, int]) -> None:
+        self.answers = list(answers)
+        self.count = 0
+
+    def generic(self, method: str, url: str, data: bytes, **kwargs: Any) -> Any:
+        from django.http import HttpResponse
+
+        status, body, replayed, effect = self.answers.pop(0)
+        self.count += effect
+        response = HttpResponse(body, status=status, content_type="application/json")
+        if replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
+
+
+FRESH = (201, b'{"id": 1}', False, 1)
+REPLAY = (201, b'{"id": 1}', True, 0)
+REFUSED = (422, b"{}", False, 0)
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ([REPLAY, REPLAY], "check 1 .* the first request was already a replay"),
+        ([FRESH, (201, b'{"id": 1}', False, 0)], "check 2 .* the retry has no"),
+        ([FRESH, (201, b'{"id": 2}', True, 0)], r"check 2 .* retry 201 .* b'\{\"id\": 2\}'"),
+        ([FRESH, REPLAY, (422, b"{}", False, 1)], r"check 3 .* effects\(\) went from 1 to 2"),
+        ([FRESH, REPLAY, REFUSED, REPLAY], r"check 4 .* effects\(\) went from 1 to 1"),
+    ],
+)
+def test_each_check_reports_what_came_back(answers: list[Any], expected: str) -> None:
+    client = ScriptedClient(*answers)
+    with pytest.raises(AssertionError, match=expected):
+        assert_idempotent(client, "post", "/x/", {}, effects=lambda: client.count)  # type: ignore[arg-type]
+
+
+def test_a_long_or_streamed_answer_is_shown_shortened() -> None:
+    from django.http import HttpResponse, StreamingHttpResponse
+
+    from django_idempotency.testing import _describe
+
+    assert _describe(HttpResponse(b"x" * 1000)).endswith("x" * 10 + "...'")
+    assert "<streaming response>" in _describe(StreamingHttpResponse(iter([b"a"])))
