@@ -5,6 +5,8 @@ Every ID is listed in ``CHECK_IDS`` and documented in ``docs/settings.md``; IDs 
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ CHECK_IDS = {
     "E005": "a dotted-path setting cannot be imported",
     "E006": "IDEMPOTENCY_CACHE_ALIAS is not a configured cache",
     "E007": "the cache store is backed by a cache without cross-process atomic add",
+    "E008": "the in-memory store is configured outside a test run",
     "W001": "ATOMIC_REQUESTS is on for the idempotency database",
     "W002": "IDEMPOTENCY_FAIL_OPEN runs views unprotected when the store is down",
     "W003": "the cache store is backed by the database cache",
@@ -41,11 +44,13 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     from django_idempotency.storage import storage_class
 
     try:
-        storage_class()
+        store = storage_class()
     except ImproperlyConfigured as exc:
         errors.append(
             _error("E001", str(exc), 'Use "db", "cache" or the dotted path of a BaseStorage.')
         )
+    else:
+        errors.extend(_check_memory_store(store))
     numbers = {
         "IDEMPOTENCY_TTL": settings.IDEMPOTENCY_TTL,
         "IDEMPOTENCY_LEASE": settings.IDEMPOTENCY_LEASE,
@@ -110,6 +115,42 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     elif settings.IDEMPOTENCY_STORE == "cache":
         errors.extend(_check_cache())
     return errors
+
+
+def running_tests() -> bool:
+    """Whether this process is a test run, where the in-memory store is allowed.
+
+    Three signals, any of which counts: Django's test environment is set up (``manage.py test``
+    and pytest-django call ``setup_test_environment()`` before checks or tests run); pytest runs
+    this process or started it (pytest 8.2+ sets ``PYTEST_VERSION`` for the whole session, and
+    servers a test starts inherit it); or the command line is ``manage.py test``.
+    """
+    from django.test import utils
+
+    # setup_test_environment() saves what it replaces here and refuses to run twice because
+    # of it; there is no public flag for "the test environment is up".
+    if hasattr(getattr(utils, "_TestState", None), "saved_data"):
+        return True
+    if "PYTEST_VERSION" in os.environ:
+        return True
+    return len(sys.argv) > 1 and sys.argv[1] == "test"
+
+
+def _check_memory_store(store: type[Any]) -> list[checks.CheckMessage]:
+    from django_idempotency.storage.memory import MemoryStorage
+
+    if not issubclass(store, MemoryStorage) or running_tests():
+        return []
+    return [
+        _error(
+            "E008",
+            f"IDEMPOTENCY_STORE = {settings.IDEMPOTENCY_STORE!r} keeps records in this "
+            "process's memory: a retry that reaches another worker, or comes after a restart, "
+            "runs again.",
+            'It is for test runs only. Use "db" or "cache" (Redis) outside tests, for example '
+            "by choosing the store in your test settings.",
+        )
+    ]
 
 
 def _check_database() -> list[checks.CheckMessage]:

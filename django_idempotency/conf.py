@@ -153,6 +153,11 @@ class Settings:
             )
         )
 
+    @property
+    def IDEMPOTENCY_ENABLED(self) -> bool:
+        """False turns the layer off: protected views run as if unprotected (tests only)."""
+        return bool(self._get("IDEMPOTENCY_ENABLED", True))
+
 
 settings = Settings()
 

@@ -239,7 +239,9 @@ class Idempotency:
         :class:`Flight`: this request owns the key.
         """
         policy = self.policy
-        if not policy.protects(request.method) or not take_charge(request):
+        if not policy.protects(request.method) or not settings.IDEMPOTENCY_ENABLED:
+            return None
+        if not take_charge(request):
             return None
         try:
             key = policy.read_key(request)

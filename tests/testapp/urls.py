@@ -15,6 +15,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("mixin/payments/", views.PaymentAPIView.as_view()),
     path("mixin/required/", views.RequiredPaymentAPIView.as_view()),
+    path("unprotected/payments/", views.UnprotectedPaymentAPIView.as_view()),
     path("decorator/payments/", views.payment_api_view),
     path("decorator/required/", views.required_api_view),
     path("django/payments/", csrf_exempt(views.payment_django_view)),

@@ -119,6 +119,13 @@ class PaymentAPIView(IdempotencyMixin, APIView):
         return Response({"count": Payment.objects.count()})
 
 
+class UnprotectedPaymentAPIView(APIView):
+    """The same payment without the mixin: what ``assert_idempotent`` must catch."""
+
+    def post(self, request: Request) -> Any:
+        return drf_response(request)
+
+
 class RequiredPaymentAPIView(PaymentAPIView):
     idempotency_required = True
 
