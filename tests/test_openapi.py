@@ -97,7 +97,12 @@ def schema() -> dict[str, Any]:
         # @api_view resolves DEFAULT_SCHEMA_CLASS when it builds its class, which for the testapp
         # happened at import, before this override (a project sets it in settings.py instead).
         # Putting DRF's lazy descriptor back makes those classes read the setting again.
-        for view in (testapp_views.payment_api_view, testapp_views.required_api_view):
+        for view in (
+            testapp_views.payment_api_view,
+            testapp_views.required_api_view,
+            testapp_views.mw_exempt_api_view,
+            testapp_views.mw_own_options_api_view,
+        ):
             mp.setattr(view.cls, "schema", APIView.__dict__["schema"])
         return generate()
 
