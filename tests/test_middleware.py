@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
-from django.test import Client, modify_settings, override_settings
+from django.test import AsyncClient, Client, modify_settings, override_settings
 from rest_framework.authtoken.models import Token
 
 from django_idempotency import signals
@@ -163,3 +164,28 @@ def test_middleware_with_process_view_after_it_warns() -> None:
         assert "django_idempotency.W005" in _ids()
     with modify_settings(MIDDLEWARE={"prepend": csrf}):
         assert "django_idempotency.W005" not in _ids()
+
+
+@pytest.mark.parametrize("url", ["/mw/django/payments/", "/mw/async/payments/"])
+def test_plain_views_are_protected_under_asgi(url: str) -> None:
+    # Under ASGI Django runs process_view() in a worker thread; an async view is then awaited
+    # on the event loop from there.
+    client = AsyncClient()
+    client.force_login(UserFactory.create())
+
+    async def twice() -> list[Any]:
+        return [
+            await client.post(
+                url,
+                json.dumps({"amount": 10}),
+                content_type="application/json",
+                headers={"Idempotency-Key": "asgi"},
+            )
+            for _ in range(2)
+        ]
+
+    first, second = async_to_sync(twice)()
+    assert first.status_code == second.status_code == 201
+    assert second["Idempotent-Replayed"] == "true"
+    assert second.content == first.content
+    assert Payment.objects.count() == 1
