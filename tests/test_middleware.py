@@ -46,7 +46,9 @@ def client() -> Client:
     return client
 
 
-@pytest.mark.parametrize("url", ["/mw/apiview/payments/", "/mw/viewset/payments/refund/"])
+@pytest.mark.parametrize(
+    "url", ["/mw/apiview/payments/", "/mw/viewset/payments/refund/", "/mw/api-view/payments/"]
+)
 def test_token_users_with_the_same_key_and_body_each_get_their_own_result(url: str) -> None:
     # DRF authenticates the token inside the view; a claim made in process_view would see two
     # anonymous requests and replay the first user's payment to the second.

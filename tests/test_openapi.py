@@ -100,6 +100,7 @@ def schema() -> dict[str, Any]:
         for view in (
             testapp_views.payment_api_view,
             testapp_views.required_api_view,
+            testapp_views.mw_api_view,
             testapp_views.mw_exempt_api_view,
             testapp_views.mw_own_options_api_view,
         ):

@@ -26,6 +26,7 @@ urlpatterns = [
     path("mw/django/payments/", csrf_exempt(views.mw_django_view)),
     path("mw/async/payments/", views.mw_async_view),
     path("mw/apiview/payments/", views.MwPaymentAPIView.as_view()),
+    path("mw/api-view/payments/", views.mw_api_view),
     path("mw/exempt/django/", csrf_exempt(views.mw_exempt_django_view)),
     path("mw/exempt/cbv/", csrf_exempt(views.MwExemptDjangoView.as_view())),
     path("mw/exempt/apiview/", views.MwExemptAPIView.as_view()),
