@@ -112,6 +112,36 @@ class IdempotencyMiddleware(MiddlewareMixin):
         return _sync_wrapper(view_func, self._engine)
 
 
+def is_installed() -> bool:
+    """Whether ``MIDDLEWARE`` lists this middleware (or a subclass)."""
+    from django.conf import settings as django_settings
+    from django.utils.module_loading import import_string
+
+    for path in getattr(django_settings, "MIDDLEWARE", None) or ():
+        try:
+            loaded = import_string(path)
+        except ImportError:
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, IdempotencyMiddleware):
+            return True
+    return False
+
+
+def schema_policy(view: Any, path: str, method: str) -> Policy | None:
+    """The policy the middleware gives ``method`` on the DRF view instance ``view`` routed at
+    ``path``, for the OpenAPI schema; ``None`` when the middleware leaves it alone."""
+    method = method.upper()
+    if method not in settings.IDEMPOTENCY_METHODS or not path_is_protected(path):
+        return None
+    view_class = type(view)
+    handler = getattr(view_class, getattr(view, "action", None) or method.lower(), None)
+    if _marked(view_class, EXEMPT_ATTR) or _marked(handler, EXEMPT_ATTR):
+        return None
+    if _protects_itself(None, view_class, handler) or not is_installed():
+        return None
+    return Policy()
+
+
 def _view_class(view_func: View) -> type | None:
     # DRF's as_view() sets ``cls``, Django's ``view_class``; functools.wraps copies both.
     for name in ("cls", "view_class"):
@@ -149,7 +179,7 @@ def _marked(obj: Any, attr: str) -> bool:
     return False
 
 
-def _protects_itself(view_func: View, view_class: type | None, handler: Any) -> bool:
+def _protects_itself(view_func: View | None, view_class: type | None, handler: Any) -> bool:
     if _marked(view_func, POLICY_ATTR) or _marked(handler, POLICY_ATTR):
         return True
     if view_class is None:

@@ -49,11 +49,24 @@ PROTECTED = [
     ("/viewset/payments/refund/", "post", False),
     ("/actions/pay/", "post", False),
     ("/actions/pay/", "patch", False),
+    # No mixin, no decorator: IdempotencyMiddleware covers /mw/ in the test settings.
+    ("/mw/apiview/payments/", "post", False),
+    ("/mw/apiview/payments/", "patch", False),
+    ("/mw/api-view/payments/", "post", False),
+    ("/mw/viewset/payments/refund/", "post", False),
+    # The view's own options win over the middleware's.
+    ("/mw/own/mixin/", "post", True),
+    ("/mw/own/api-view/", "post", True),
 ]
 UNPROTECTED = [
     ("/mixin/payments/", "get"),
     ("/decorator/payments/", "get"),
     ("/viewset/payments/", "get"),
+    ("/mw/apiview/payments/", "get"),
+    # Exempt from the middleware.
+    ("/mw/exempt/apiview/", "post"),
+    ("/mw/exempt/api-view/", "post"),
+    ("/mw/viewset/payments/exempt/", "post"),
 ]
 BASE_URI = "https://django-idempotency.readthedocs.io/en/latest/problems/#"
 
