@@ -86,7 +86,10 @@ class IdempotencyMiddleware(MiddlewareMixin):
         method = request.method or ""
         if method not in settings.IDEMPOTENCY_METHODS or not path_is_protected(request.path_info):
             return None
-        plans = self._plans.setdefault(view_func, {})
+        try:
+            plans = self._plans.setdefault(view_func, {})
+        except TypeError:  # a view object that cannot be weakly referenced: plan every time
+            plans = {}
         if method not in plans:
             plans[method] = self._plan(view_func, method)
         run = plans[method]

@@ -191,3 +191,27 @@ def test_plain_views_are_protected_under_asgi(url: str) -> None:
     assert second["Idempotent-Replayed"] == "true"
     assert second.content == first.content
     assert Payment.objects.count() == 1
+
+
+def test_a_view_that_cannot_be_weakly_referenced_is_still_protected(rf: Any) -> None:
+    from django_idempotency.middleware import IdempotencyMiddleware
+    from tests.testapp.views import mw_django_view
+
+    class Slotted:
+        __slots__ = ()
+
+        def __call__(self, request: Any) -> Any:
+            return mw_django_view(request)
+
+    middleware = IdempotencyMiddleware(lambda request: None)
+    user = UserFactory.create()
+    responses = []
+    for _ in range(2):
+        request = rf.post(
+            "/mw/slotted/", b'{"amount": 10}', content_type="application/json",
+            headers={"Idempotency-Key": "k"},
+        )  # fmt: skip
+        request.user = user
+        responses.append(middleware.process_view(request, Slotted(), (), {}))
+    assert [r.status_code for r in responses] == [201, 201]
+    assert responses[1]["Idempotent-Replayed"] == "true"
