@@ -212,6 +212,8 @@ def test_a_view_that_cannot_be_weakly_referenced_is_still_protected(rf: Any) -> 
             headers={"Idempotency-Key": "k"},
         )  # fmt: skip
         request.user = user
-        responses.append(middleware.process_view(request, Slotted(), (), {}))
+        response = middleware.process_view(request, Slotted(), (), {})
+        assert response is not None
+        responses.append(response)
     assert [r.status_code for r in responses] == [201, 201]
     assert responses[1]["Idempotent-Replayed"] == "true"
