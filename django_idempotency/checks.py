@@ -29,7 +29,11 @@ CHECK_IDS = {
     "W001": "ATOMIC_REQUESTS is on for the idempotency database",
     "W002": "IDEMPOTENCY_FAIL_OPEN runs views unprotected when the store is down",
     "W003": "the cache store is backed by the database cache",
+    "W004": "IdempotencyMiddleware is installed but IDEMPOTENCY_PATHS is empty",
+    "W005": "middleware with process_view() is listed after IdempotencyMiddleware",
 }
+
+MIDDLEWARE_PATH = "django_idempotency.middleware.IdempotencyMiddleware"
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -110,6 +114,7 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 "Leave it off for payments; silence this check if you accepted the risk.",
             )
         )
+    errors.extend(_check_middleware())
     if settings.IDEMPOTENCY_STORE == "db":
         errors.extend(_check_database())
     elif settings.IDEMPOTENCY_STORE == "cache":
@@ -223,6 +228,48 @@ def _check_cache() -> list[checks.CheckMessage]:
             )
         ]
     return []
+
+
+def _check_middleware() -> list[checks.CheckMessage]:
+    from django_idempotency.middleware import IdempotencyMiddleware
+
+    middleware = list(getattr(django_settings, "MIDDLEWARE", None) or ())
+    position = None
+    for index, path in enumerate(middleware):
+        try:
+            loaded = import_string(path)
+        except ImportError:
+            continue  # Django reports a middleware that does not import itself.
+        if position is None:
+            if isinstance(loaded, type) and issubclass(loaded, IdempotencyMiddleware):
+                position = index
+        elif hasattr(loaded, "process_view"):
+            return [*_paths_empty(), _middleware_after(path)]
+    return [] if position is None else _paths_empty()
+
+
+def _paths_empty() -> list[checks.CheckMessage]:
+    if settings.IDEMPOTENCY_PATHS:
+        return []
+    return [
+        _error(
+            "W004",
+            "IdempotencyMiddleware is in MIDDLEWARE, but IDEMPOTENCY_PATHS is empty: it "
+            "protects nothing.",
+            'Name the protected paths, e.g. IDEMPOTENCY_PATHS = ["/api/"], or remove the '
+            "middleware.",
+        )
+    ]
+
+
+def _middleware_after(path: str) -> checks.CheckMessage:
+    return _error(
+        "W005",
+        f"{path} is listed after IdempotencyMiddleware: the middleware runs protected views "
+        "from its process_view(), so the process_view() of later middleware (CSRF among them) "
+        "is skipped for those requests.",
+        f"Move {MIDDLEWARE_PATH} to the end of MIDDLEWARE.",
+    )
 
 
 def register() -> None:

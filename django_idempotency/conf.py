@@ -9,6 +9,7 @@ in ``docs/settings.md`` lists the same names and defaults.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -143,6 +144,12 @@ class Settings:
                 "IDEMPOTENCY_FINGERPRINT", "django_idempotency.fingerprint.request_fingerprint"
             )
         )
+
+    @cached_property
+    def IDEMPOTENCY_PATHS(self) -> tuple[str | re.Pattern[str], ...]:
+        """What ``IdempotencyMiddleware`` protects: path prefixes (``str``) and compiled
+        patterns (``re.Pattern``, searched), matched against ``request.path_info``."""
+        return tuple(self._get("IDEMPOTENCY_PATHS", ()))
 
     @cached_property
     def IDEMPOTENCY_PROBLEM_BASE_URI(self) -> str:
