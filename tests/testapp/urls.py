@@ -5,7 +5,7 @@ from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.routers import SimpleRouter
 
-from tests.testapp import views
+from tests.testapp import views, webhooks
 
 router = SimpleRouter()
 router.register("viewset/payments", views.PaymentViewSet, basename="payment")
@@ -21,5 +21,8 @@ urlpatterns = [
     # Not csrf_exempt(): before Django 5.0 it wraps a coroutine view in a sync function, which
     # Django then calls without awaiting. No CSRF middleware runs here anyway.
     path("async/payments/", views.payment_async_view),
+    path("webhooks/django/", webhooks.django_webhook),
+    path("webhooks/api/", webhooks.api_webhook),
+    path("webhooks/mixin/", webhooks.WebhookView.as_view()),
     path("", include(router.urls)),
 ]
