@@ -37,7 +37,7 @@ from asgiref.sync import sync_to_async
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
 
-from django_idempotency import signals
+from django_idempotency import core, signals
 from django_idempotency.conf import settings
 from django_idempotency.core import (
     WAIT_POLL_SECONDS,
@@ -46,7 +46,6 @@ from django_idempotency.core import (
     Policy,
     _retry_after,
     _send,
-    now,
 )
 from django_idempotency.exceptions import (
     AlreadyInProgress,
@@ -123,7 +122,7 @@ class _Engine(Idempotency):
                 scope,
                 key_hash,
                 fingerprint,
-                now=now(),
+                now=core.now(),  # the engine's one clock, looked up on each call
                 lease=self.policy.lease_delta,
                 ttl=self.policy.ttl_delta,
             )
@@ -147,7 +146,7 @@ class _Engine(Idempotency):
 
     def in_progress(self, storage: BaseStorage, record: Record, info: dict[str, Any]) -> NoReturn:
         _send(signals.request_conflict, type(storage), **info)
-        remaining = (record.lease_expires_at - now()).total_seconds()
+        remaining = (record.lease_expires_at - core.now()).total_seconds()
         raise AlreadyInProgress(retry_after=max(1, min(_retry_after(), math.ceil(remaining))))
 
     def replayed_value(self, storage: BaseStorage, record: Record, info: dict[str, Any]) -> Any:

@@ -16,11 +16,13 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from tests.backends import redis_endpoint
 from tests.conftest import REQUIRE_SERVICES
@@ -34,6 +36,10 @@ if not redis_endpoint(BROKER).answers():
         raise RuntimeError(f"{reason} and IDEMPOTENCY_TEST_REQUIRE_SERVICES=1")
     pytest.skip(reason, allow_module_level=True)
 
+from django_idempotency import AlreadyInProgress  # noqa: E402
+from django_idempotency.contrib.celery import idempotent_task  # noqa: E402
+from django_idempotency.keys import hash_key  # noqa: E402
+from django_idempotency.storage import get_storage  # noqa: E402
 from tests import celeryapp  # noqa: E402 - needs the queue name above
 from tests.testapp.models import Payment  # noqa: E402
 
@@ -192,3 +198,41 @@ def test_task_that_raises_is_run_again_by_celerys_retry(workers: Workers) -> Non
     assert [e["event"] for e in events] == ["body", "retry", "body", "success"], events
     payment = Payment.objects.get()
     assert events[-1]["result"] == {"payment": payment.pk, "run": run}
+
+
+# --- in this process: eager calls and decoration errors ---------------------------------------
+
+
+def test_eager_call_runs_once_and_a_key_in_flight_reaches_the_caller() -> None:
+    run = new_run()
+    first = celeryapp.charge.apply(args=(run, 100)).get()
+    assert celeryapp.charge.apply(args=(run, 100)).get() == first
+    assert count(celeryapp.events(run), "body") == 1
+
+    # No worker to retry on: an eager call gets AlreadyInProgress itself.
+    other = new_run()
+    once = celeryapp.charge.__wrapped__.idempotency  # the function under @shared_task
+    scope, _, fingerprint = once.identify((other, 100), {})
+    key_hash = hash_key(scope, f"charge:{other}")
+    get_storage().claim(
+        scope,
+        key_hash,
+        fingerprint,
+        now=timezone.now(),
+        lease=timedelta(seconds=60),
+        ttl=timedelta(hours=1),
+    )
+    result = celeryapp.charge.apply(args=(other, 100))
+    assert isinstance(result.result, AlreadyInProgress)
+    assert count(celeryapp.events(other), "body") == 0
+
+
+def test_decorating_what_is_not_a_bound_sync_task_is_a_type_error() -> None:
+    decorate = idempotent_task(key=lambda: "k")
+    with pytest.raises(TypeError, match="bind=True"):
+        decorate(lambda: None)
+
+    async def body(self: Any) -> None: ...
+
+    with pytest.raises(TypeError, match="synchronous"):
+        decorate(body)

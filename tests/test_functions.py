@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection, connections
 from django.test import override_settings
+from django.utils import timezone
 
 import django_idempotency
-from django_idempotency import AlreadyInProgress, KeyReused, idempotent_function, signals
-from django_idempotency.exceptions import KeyInvalid
+from django_idempotency import AlreadyInProgress, KeyReused, core, idempotent_function, signals
+from django_idempotency.exceptions import KeyInvalid, ResultUnavailable, StoreUnavailable
 from django_idempotency.functions import RESULT_CONTENT_TYPE
 from django_idempotency.heartbeat import heartbeat
 from django_idempotency.keys import hash_key
@@ -47,10 +49,12 @@ def _reset() -> Iterator[None]:
     functions.DELAY = 0.0
     functions.SCRIPT.clear()
     functions.ran_for.clear()
+    functions.HOOKS.clear()
     yield
     functions.DELAY = 0.0
     functions.SCRIPT.clear()
     functions.ran_for.clear()
+    functions.HOOKS.clear()
 
 
 def new_order() -> str:
@@ -415,3 +419,106 @@ def test_exception_in_one_process_lets_the_next_process_run(tmp_path: Path) -> N
     assert outcomes[0]["outcome"] == "value", outcomes
     assert len(executions) == 1
     assert Payment.objects.get().pk == outcomes[0]["value"]["payment"]
+
+
+# --- failures of the store and of the lease ---------------------------------------------------
+
+
+@pytest.fixture
+def store_down() -> Iterator[None]:
+    from django.conf import settings
+
+    from tests.faults import unreachable_database
+
+    if settings.STORE_BACKEND == "db":
+        with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
+            yield
+        return
+    caches = {
+        **settings.CACHES,
+        "unreachable": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+        },
+    }
+    with override_settings(CACHES=caches, IDEMPOTENCY_CACHE_ALIAS="unreachable"):
+        yield
+
+
+@pytest.mark.usefixtures("store_down")
+def test_store_down_raises_store_unavailable_and_the_body_does_not_run() -> None:
+    with pytest.raises(StoreUnavailable) as excinfo:
+        functions.total(new_order())
+    assert excinfo.value.retry_after == 1
+    assert functions.ran_for == []
+
+
+@pytest.mark.usefixtures("store_down")
+@override_settings(IDEMPOTENCY_FAIL_OPEN=True)
+def test_store_down_with_fail_open_runs_the_body_unprotected() -> None:
+    order = new_order()
+    assert functions.total(order, 3) == {"order": order, "amount": 3}
+    assert functions.ran_for == [order]
+
+
+@override_settings(IDEMPOTENCY_MAX_RESPONSE_SIZE=10)
+def test_result_too_large_to_store_is_returned_once_then_unavailable() -> None:
+    order = new_order()
+    assert functions.total(order, 3) == {"order": order, "amount": 3}
+    with pytest.raises(ResultUnavailable):
+        functions.total(order, 3)
+    assert functions.ran_for == [order]
+
+
+def test_lease_lost_while_the_body_ran_raises_already_in_progress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A body that outlived its lease without a heartbeat (a frozen process) and was taken over:
+    its result is not stored over the new owner's claim, and its writes are rolled back."""
+    monkeypatch.setattr(heartbeat, "track", lambda flight: None)
+    shift = [timedelta()]
+    monkeypatch.setattr(core, "now", lambda: timezone.now() + shift[-1])
+    once = functions.charge.idempotency  # type: ignore[attr-defined]
+    order = new_order()
+    scope, key_hash, fingerprint = once.identify((order,), {})
+    took_over: list[bool] = []
+
+    def take_over() -> None:
+        try:
+            claim = get_storage().claim(
+                scope,
+                key_hash,
+                fingerprint,
+                now=core.now(),
+                lease=timedelta(seconds=60),
+                ttl=timedelta(hours=1),
+            )
+            took_over.append(claim.reclaimed)
+        finally:
+            connections.close_all()
+
+    def frozen_then_taken_over() -> None:
+        shift.append(timedelta(minutes=5))  # the lease (60 s) ended while this body ran
+        thread = threading.Thread(target=take_over)
+        thread.start()
+        thread.join(TIMEOUT)
+
+    functions.HOOKS.append(frozen_then_taken_over)
+    with pytest.raises(AlreadyInProgress):
+        functions.charge(order)
+    assert took_over == [True]
+    assert Payment.objects.count() == 0
+    assert record_of("payments", f"charge:{order}").state is State.IN_FLIGHT  # the new owner's
+
+
+def test_result_expires_after_its_ttl_on_the_engines_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim reads ``core.now`` on every call, the one clock the engine and its tests move."""
+    shift = [timedelta()]
+    monkeypatch.setattr(core, "now", lambda: timezone.now() + shift[-1])
+    order = new_order()
+    first = functions.charge(order)
+    shift.append(timedelta(days=2))  # past IDEMPOTENCY_TTL (24 h)
+    second = functions.charge(order)
+    assert second["payment"] != first["payment"]
+    assert functions.ran_for == [order, order]

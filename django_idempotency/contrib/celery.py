@@ -99,7 +99,10 @@ def idempotent_task(
             try:
                 return once.call(args, kwargs, lambda: func(self, *args, **kwargs))
             except AlreadyInProgress as exc:
-                raise _retry_later(self, exc) from exc
+                retry = _retry_later(self, exc)
+                if retry is exc:
+                    raise
+                raise retry from exc
 
         wrapper.idempotency = once  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django_idempotency import idempotent_function
@@ -20,6 +21,8 @@ DELAY = 0.0
 SCRIPT: list[str] = []
 EXECUTIONS_FILE = os.environ.get("IDEMPOTENCY_TEST_EXECUTIONS_FILE", "")
 ran_for: list[str] = []
+#: Called in the body before it writes.
+HOOKS: list[Callable[[], None]] = []
 
 
 def _ran(order_id: str) -> None:
@@ -37,6 +40,8 @@ def _charge(order_id: str, amount: int) -> Any:
     _ran(order_id)
     if DELAY:
         time.sleep(DELAY)
+    for hook in list(HOOKS):
+        hook()
     payment = Payment.objects.create(amount=amount)
     step = SCRIPT.pop(0) if SCRIPT else "ok"
     if step == "raise":
