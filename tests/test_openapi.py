@@ -36,6 +36,7 @@ from django_idempotency.openapi import (  # noqa: E402
     _decorated_policy,
 )
 from tests.testapp import views as testapp_views  # noqa: E402
+from tests.testapp import webhooks as testapp_webhooks  # noqa: E402
 
 PROTECTED = [
     ("/mixin/payments/", "post", False),
@@ -97,7 +98,11 @@ def schema() -> dict[str, Any]:
         # @api_view resolves DEFAULT_SCHEMA_CLASS when it builds its class, which for the testapp
         # happened at import, before this override (a project sets it in settings.py instead).
         # Putting DRF's lazy descriptor back makes those classes read the setting again.
-        for view in (testapp_views.payment_api_view, testapp_views.required_api_view):
+        for view in (
+            testapp_views.payment_api_view,
+            testapp_views.required_api_view,
+            testapp_webhooks.api_webhook,
+        ):
             mp.setattr(view.cls, "schema", APIView.__dict__["schema"])
         return generate()
 
