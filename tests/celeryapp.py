@@ -23,17 +23,40 @@ import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 _DB_NAME = os.environ.get("IDEMPOTENCY_SERVE_DB_NAME")
-if _DB_NAME:
+#: While this file exists, the worker's next claim fails as a store outage does (StoreError),
+#: and removes the file: one outage, then the real store again.
+OUTAGE_FILE = os.environ.get("IDEMPOTENCY_TEST_CELERY_OUTAGE_FILE", "")
+_REAL_STORE = ""
+if _DB_NAME or OUTAGE_FILE:
     from django.conf import settings
 
-    settings.DATABASES["default"]["NAME"] = _DB_NAME
+    if _DB_NAME:
+        settings.DATABASES["default"]["NAME"] = _DB_NAME
+    if OUTAGE_FILE:
+        _REAL_STORE = settings.IDEMPOTENCY_STORE
+        settings.IDEMPOTENCY_STORE = "tests.celeryapp.OutageStore"
 django.setup()
 
 import redis  # noqa: E402
 from celery import Celery, shared_task, signals  # noqa: E402
+from django.utils.module_loading import import_string  # noqa: E402
 
 from django_idempotency.contrib.celery import idempotent_task  # noqa: E402
+from django_idempotency.exceptions import StoreError  # noqa: E402
+from django_idempotency.storage import ALIASES  # noqa: E402
+from django_idempotency.storage.base import Claim  # noqa: E402
 from tests.testapp.models import Payment  # noqa: E402
+
+if _REAL_STORE:
+
+    class OutageStore(import_string(ALIASES.get(_REAL_STORE, _REAL_STORE))):  # type: ignore[misc]
+        def claim(self, *args: Any, **kwargs: Any) -> Claim:
+            if os.path.exists(OUTAGE_FILE):
+                os.unlink(OUTAGE_FILE)
+                raise StoreError("the store is down for this test")
+            claim: Claim = super().claim(*args, **kwargs)
+            return claim
+
 
 BROKER_URL = os.environ.get("IDEMPOTENCY_TEST_CELERY_BROKER", "redis://127.0.0.1:6379/14")
 QUEUE = os.environ.get("IDEMPOTENCY_TEST_CELERY_QUEUE", f"idem-tests-{os.getpid()}")

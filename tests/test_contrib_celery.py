@@ -56,11 +56,12 @@ class Workers:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, count: int = 1) -> list[subprocess.Popen[bytes]]:
+    def start(self, count: int = 1, **extra_env: str) -> list[subprocess.Popen[bytes]]:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "IDEMPOTENCY_SERVE_DB_NAME": str(connection.settings_dict["NAME"]),
+            **extra_env,
         }
         started = []
         for _ in range(count):
@@ -198,6 +199,22 @@ def test_task_that_raises_is_run_again_by_celerys_retry(workers: Workers) -> Non
     assert [e["event"] for e in events] == ["body", "retry", "body", "success"], events
     payment = Payment.objects.get()
     assert events[-1]["result"] == {"payment": payment.pk, "run": run}
+
+
+def test_store_outage_at_claim_is_retried_and_the_task_runs_once(
+    workers: Workers, tmp_path: Path
+) -> None:
+    """The body never ran, so the task must not be acknowledged as failed: it is retried."""
+    outage = tmp_path / "outage"
+    outage.touch()
+    workers.start(1, IDEMPOTENCY_TEST_CELERY_OUTAGE_FILE=str(outage))
+    run = new_run()
+    celeryapp.charge.delay(run, 100)
+
+    events = wait_for(run, lambda e: count(e, "success") + count(e, "failure") >= 1, workers)
+    assert not outage.exists()  # the outage happened
+    assert [e["event"] for e in events] == ["retry", "body", "success"], events
+    assert Payment.objects.count() == 1
 
 
 # --- in this process: eager calls and decoration errors ---------------------------------------

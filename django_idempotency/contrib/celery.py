@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from django_idempotency.core import Policy
-from django_idempotency.exceptions import AlreadyInProgress
+from django_idempotency.exceptions import AlreadyInProgress, StoreUnavailable
 from django_idempotency.functions import (
     FingerprintFunction,
     KeyFunction,
@@ -103,6 +103,10 @@ def idempotent_task(
                 if retry is exc:
                     raise
                 raise retry from exc
+            except StoreUnavailable as exc:
+                # The body did not run, and a failed acks_late task is acknowledged and gone: retry
+                # it. Counted, so a store that stays down fails the task after max_retries.
+                raise self.retry(exc=exc, countdown=exc.retry_after) from exc
 
         wrapper.idempotency = once  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
