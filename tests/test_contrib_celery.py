@@ -128,7 +128,11 @@ def workers(tmp_path: Path) -> Iterator[Workers]:
         yield running
     finally:
         running.stop()
-        celeryapp._redis.delete(celeryapp.ready_key())
+        # This run's queue, its events and the workers' ready marks; kombu's own bookkeeping
+        # keys are shared by every run on the broker database and stay.
+        leftovers = list(celeryapp._redis.scan_iter(match=f"{celeryapp.QUEUE}*"))
+        if leftovers:
+            celeryapp._redis.delete(*leftovers)
 
 
 def new_run() -> str:
