@@ -50,7 +50,7 @@ from django_idempotency.exceptions import (
     StoreUnavailable,
 )
 from django_idempotency.heartbeat import heartbeat
-from django_idempotency.keys import hash_key, parse_key
+from django_idempotency.keys import check_derived_key, hash_key, parse_key
 from django_idempotency.responses import add_headers, capture, ensure_rendered, problem, replay
 from django_idempotency.storage import get_storage
 from django_idempotency.storage.base import BaseStorage, Claim, Record, State, StoredResponse
@@ -200,12 +200,18 @@ class Policy:
     def read_key(self, request: Any) -> str | None:
         """The request's key, validated; ``None`` when it has none."""
         if self.key is not None:
-            raw = self.key(request)
-            if raw is None:
+            derived = self.key(request)
+            if derived is None:
                 return None
-            return parse_key(
-                raw,
-                strict=False,
+            if isinstance(derived, int) and not isinstance(derived, bool):
+                derived = str(derived)  # numeric event ids
+            if not isinstance(derived, str):
+                raise TypeError(
+                    f"The idempotency key function returned {type(derived).__name__}; "
+                    "return a str (or None to leave the request unprotected)."
+                )
+            return check_derived_key(
+                derived,
                 min_length=settings.IDEMPOTENCY_KEY_MIN_LENGTH,
                 max_length=settings.IDEMPOTENCY_KEY_MAX_LENGTH,
             )

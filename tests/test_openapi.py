@@ -36,6 +36,7 @@ from django_idempotency.openapi import (  # noqa: E402
     _decorated_policy,
 )
 from tests.testapp import views as testapp_views  # noqa: E402
+from tests.testapp import webhooks as testapp_webhooks  # noqa: E402
 
 PROTECTED = [
     ("/mixin/payments/", "post", False),
@@ -116,6 +117,7 @@ def schema() -> dict[str, Any]:
             testapp_views.mw_api_view,
             testapp_views.mw_exempt_api_view,
             testapp_views.mw_own_options_api_view,
+            testapp_webhooks.api_webhook,
         ):
             mp.setattr(view.cls, "schema", APIView.__dict__["schema"])
         return generate()

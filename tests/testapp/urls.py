@@ -5,7 +5,7 @@ from django.urls import include, path
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.routers import SimpleRouter
 
-from tests.testapp import views
+from tests.testapp import views, webhooks
 
 router = SimpleRouter()
 router.register("viewset/payments", views.PaymentViewSet, basename="payment")
@@ -36,5 +36,8 @@ urlpatterns = [
     path("mw/own/api-view/", views.mw_own_options_api_view),
     path("mw/own/django/", csrf_exempt(views.mw_own_options_django_view)),
     path("mw/wrapped/", views.mw_wrapped_drf_view),
+    path("webhooks/django/", webhooks.django_webhook),
+    path("webhooks/api/", webhooks.api_webhook),
+    path("webhooks/mixin/", webhooks.WebhookView.as_view()),
     path("", include(router.urls)),
 ]
