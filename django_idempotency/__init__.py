@@ -11,15 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["IdempotencyMixin", "idempotent", "__version__"]
+__all__ = [
+    "AlreadyInProgress",
+    "IdempotencyMixin",
+    "KeyReused",
+    "__version__",
+    "idempotent",
+    "idempotent_function",
+]
 
 if TYPE_CHECKING:
     from django_idempotency.decorators import idempotent
+    from django_idempotency.exceptions import AlreadyInProgress, KeyReused
+    from django_idempotency.functions import idempotent_function
     from django_idempotency.mixins import IdempotencyMixin
 
 _LAZY = {
     "idempotent": "django_idempotency.decorators",
     "IdempotencyMixin": "django_idempotency.mixins",
+    "idempotent_function": "django_idempotency.functions",
+    "AlreadyInProgress": "django_idempotency.exceptions",
+    "KeyReused": "django_idempotency.exceptions",
 }
 
 

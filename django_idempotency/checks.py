@@ -5,6 +5,8 @@ Every ID is listed in ``CHECK_IDS`` and documented in ``docs/settings.md``; IDs 
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,11 +25,16 @@ CHECK_IDS = {
     "E005": "a dotted-path setting cannot be imported",
     "E006": "IDEMPOTENCY_CACHE_ALIAS is not a configured cache",
     "E007": "the cache store is backed by a cache without cross-process atomic add",
-    "E008": "the Redis store has no usable server setting",
+    "E008": "the in-memory store is configured outside a test run",
+    "E009": "the Redis store has no usable server setting",
     "W001": "ATOMIC_REQUESTS is on for the idempotency database",
     "W002": "IDEMPOTENCY_FAIL_OPEN runs views unprotected when the store is down",
     "W003": "the cache store is backed by the database cache",
+    "W004": "IdempotencyMiddleware is installed but IDEMPOTENCY_PATHS is empty",
+    "W005": "middleware with process_view() is listed after IdempotencyMiddleware",
 }
+
+MIDDLEWARE_PATH = "django_idempotency.middleware.IdempotencyMiddleware"
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
@@ -42,7 +49,7 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     from django_idempotency.storage import storage_class
 
     try:
-        storage_class()
+        store = storage_class()
     except ImproperlyConfigured as exc:
         errors.append(
             _error(
@@ -51,6 +58,8 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 'Use "db", "redis", "cache" or the dotted path of a BaseStorage.',
             )
         )
+    else:
+        errors.extend(_check_memory_store(store))
     numbers = {
         "IDEMPOTENCY_TTL": settings.IDEMPOTENCY_TTL,
         "IDEMPOTENCY_LEASE": settings.IDEMPOTENCY_LEASE,
@@ -110,6 +119,7 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 "Leave it off for payments; silence this check if you accepted the risk.",
             )
         )
+    errors.extend(_check_middleware())
     if settings.IDEMPOTENCY_STORE == "db":
         errors.extend(_check_database())
     elif settings.IDEMPOTENCY_STORE == "cache":
@@ -128,7 +138,7 @@ def _check_redis() -> list[checks.CheckMessage]:
         except ImportError as exc:
             errors.append(
                 _error(
-                    "E008",
+                    "E009",
                     f"IDEMPOTENCY_REDIS_CLIENT = {path!r} cannot be imported: {exc}",
                     "Point it at a zero-argument callable that returns a redis-py client.",
                 )
@@ -136,12 +146,12 @@ def _check_redis() -> list[checks.CheckMessage]:
         else:
             if not callable(factory):
                 errors.append(
-                    _error("E008", f"IDEMPOTENCY_REDIS_CLIENT = {path!r} is not callable.", "")
+                    _error("E009", f"IDEMPOTENCY_REDIS_CLIENT = {path!r} is not callable.", "")
                 )
     elif not url:
         errors.append(
             _error(
-                "E008",
+                "E009",
                 'IDEMPOTENCY_STORE = "redis" without IDEMPOTENCY_REDIS_URL or '
                 "IDEMPOTENCY_REDIS_CLIENT.",
                 'Set IDEMPOTENCY_REDIS_URL = "redis://host:6379/0", or a client factory for '
@@ -151,7 +161,7 @@ def _check_redis() -> list[checks.CheckMessage]:
     elif url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
         errors.append(
             _error(
-                "E008",
+                "E009",
                 f"IDEMPOTENCY_REDIS_URL = {url!r} is not a redis://, rediss:// or unix:// URL.",
                 "",
             )
@@ -160,7 +170,7 @@ def _check_redis() -> list[checks.CheckMessage]:
     if "{" in prefix and "}" in prefix.split("{", 1)[1]:
         errors.append(
             _error(
-                "E008",
+                "E009",
                 f"IDEMPOTENCY_REDIS_KEY_PREFIX = {prefix!r} holds a {{hash tag}}: on Redis "
                 "Cluster every record would land on one slot, hence one shard.",
                 "Drop the braces from the prefix.",
@@ -177,6 +187,42 @@ def _check_redis() -> list[checks.CheckMessage]:
             )
         )
     return errors
+
+
+def running_tests() -> bool:
+    """Whether this process is a test run, where the in-memory store is allowed.
+
+    Three signals, any of which counts: Django's test environment is set up (``manage.py test``
+    and pytest-django call ``setup_test_environment()`` before checks or tests run); pytest runs
+    this process or started it (pytest 8.2+ sets ``PYTEST_VERSION`` for the whole session, and
+    servers a test starts inherit it); or the command line is ``manage.py test``.
+    """
+    from django.test import utils
+
+    # setup_test_environment() saves what it replaces here and refuses to run twice because
+    # of it; there is no public flag for "the test environment is up".
+    if hasattr(getattr(utils, "_TestState", None), "saved_data"):
+        return True
+    if "PYTEST_VERSION" in os.environ:
+        return True
+    return len(sys.argv) > 1 and sys.argv[1] == "test"
+
+
+def _check_memory_store(store: type[Any]) -> list[checks.CheckMessage]:
+    from django_idempotency.storage.memory import MemoryStorage
+
+    if not issubclass(store, MemoryStorage) or running_tests():
+        return []
+    return [
+        _error(
+            "E008",
+            f"IDEMPOTENCY_STORE = {settings.IDEMPOTENCY_STORE!r} keeps records in this "
+            "process's memory: a retry that reaches another worker, or comes after a restart, "
+            "runs again.",
+            'It is for test runs only. Use "db" or "cache" (Redis) outside tests, for example '
+            "by choosing the store in your test settings.",
+        )
+    ]
 
 
 def _check_database() -> list[checks.CheckMessage]:
@@ -249,6 +295,48 @@ def _check_cache() -> list[checks.CheckMessage]:
             )
         ]
     return []
+
+
+def _check_middleware() -> list[checks.CheckMessage]:
+    from django_idempotency.middleware import IdempotencyMiddleware
+
+    middleware = list(getattr(django_settings, "MIDDLEWARE", None) or ())
+    position = None
+    for index, path in enumerate(middleware):
+        try:
+            loaded = import_string(path)
+        except ImportError:
+            continue  # Django reports a middleware that does not import itself.
+        if position is None:
+            if isinstance(loaded, type) and issubclass(loaded, IdempotencyMiddleware):
+                position = index
+        elif hasattr(loaded, "process_view"):
+            return [*_paths_empty(), _middleware_after(path)]
+    return [] if position is None else _paths_empty()
+
+
+def _paths_empty() -> list[checks.CheckMessage]:
+    if settings.IDEMPOTENCY_PATHS:
+        return []
+    return [
+        _error(
+            "W004",
+            "IdempotencyMiddleware is in MIDDLEWARE, but IDEMPOTENCY_PATHS is empty: it "
+            "protects nothing.",
+            'Name the protected paths, e.g. IDEMPOTENCY_PATHS = ["/api/"], or remove the '
+            "middleware.",
+        )
+    ]
+
+
+def _middleware_after(path: str) -> checks.CheckMessage:
+    return _error(
+        "W005",
+        f"{path} is listed after IdempotencyMiddleware: the middleware runs protected views "
+        "from its process_view(), so the process_view() of later middleware (CSRF among them) "
+        "is skipped for those requests.",
+        f"Move {MIDDLEWARE_PATH} to the end of MIDDLEWARE.",
+    )
 
 
 def register() -> None:

@@ -9,6 +9,7 @@ in ``docs/settings.md`` lists the same names and defaults.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -170,6 +171,12 @@ class Settings:
         )
 
     @cached_property
+    def IDEMPOTENCY_PATHS(self) -> tuple[str | re.Pattern[str], ...]:
+        """What ``IdempotencyMiddleware`` protects: path prefixes (``str``) and compiled
+        patterns (``re.Pattern``, searched), matched against ``request.path_info``."""
+        return tuple(self._get("IDEMPOTENCY_PATHS", ()))
+
+    @cached_property
     def IDEMPOTENCY_PROBLEM_BASE_URI(self) -> str:
         return str(
             self._get(
@@ -177,6 +184,11 @@ class Settings:
                 "https://django-idempotency.readthedocs.io/en/latest/problems/#",
             )
         )
+
+    @property
+    def IDEMPOTENCY_ENABLED(self) -> bool:
+        """False turns the layer off: protected views run as if unprotected (tests only)."""
+        return bool(self._get("IDEMPOTENCY_ENABLED", True))
 
 
 settings = Settings()

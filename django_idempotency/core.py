@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
@@ -50,7 +50,7 @@ from django_idempotency.exceptions import (
     StoreUnavailable,
 )
 from django_idempotency.heartbeat import heartbeat
-from django_idempotency.keys import hash_key, parse_key
+from django_idempotency.keys import check_derived_key, hash_key, parse_key
 from django_idempotency.responses import add_headers, capture, ensure_rendered, problem, replay
 from django_idempotency.storage import get_storage
 from django_idempotency.storage.base import BaseStorage, Claim, Record, State, StoredResponse
@@ -76,6 +76,26 @@ KeyReader = Callable[[Any], "str | None"]
 ScopeResolver = Callable[[Any], "str | None"]
 Fingerprinter = Callable[[Any], str]
 ReplayHook = Callable[[Any, HttpResponse], "Mapping[str, str] | None"]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+#: Called with (operation, seconds) after every store call ("claim", "complete", "release",
+#: "renew"), whether it returned or raised. ``None`` unless a metrics exporter set it
+#: (``django_idempotency.contrib.prometheus``), so that projects without one time nothing.
+store_timer: Callable[[str, float], None] | None = None
+
+
+def _timed(operation: str, call: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    timer = store_timer
+    if timer is None:
+        return call(*args, **kwargs)
+    started = time.perf_counter()
+    try:
+        return call(*args, **kwargs)
+    finally:
+        timer(operation, time.perf_counter() - started)
 
 
 def now() -> datetime:
@@ -180,12 +200,18 @@ class Policy:
     def read_key(self, request: Any) -> str | None:
         """The request's key, validated; ``None`` when it has none."""
         if self.key is not None:
-            raw = self.key(request)
-            if raw is None:
+            derived = self.key(request)
+            if derived is None:
                 return None
-            return parse_key(
-                raw,
-                strict=False,
+            if isinstance(derived, int) and not isinstance(derived, bool):
+                derived = str(derived)  # numeric event ids
+            if not isinstance(derived, str):
+                raise TypeError(
+                    f"The idempotency key function returned {type(derived).__name__}; "
+                    "return a str (or None to leave the request unprotected)."
+                )
+            return check_derived_key(
+                derived,
                 min_length=settings.IDEMPOTENCY_KEY_MIN_LENGTH,
                 max_length=settings.IDEMPOTENCY_KEY_MAX_LENGTH,
             )
@@ -239,7 +265,9 @@ class Idempotency:
         :class:`Flight`: this request owns the key.
         """
         policy = self.policy
-        if not policy.protects(request.method) or not take_charge(request):
+        if not policy.protects(request.method) or not settings.IDEMPOTENCY_ENABLED:
+            return None
+        if not take_charge(request):
             return None
         try:
             key = policy.read_key(request)
@@ -251,6 +279,8 @@ class Idempotency:
             fingerprint = policy.resolve_fingerprint(request)
             return self._claim(request, scope, hash_key(scope, key), fingerprint)
         except IdempotencyError as error:
+            if isinstance(error, KeyMissing):
+                _send(signals.key_missing, type(get_storage()), request=request)
             return problem(error)
 
     def _claim(
@@ -261,7 +291,9 @@ class Idempotency:
         deadline = time.monotonic() + self.policy.wait_seconds
         while True:
             try:
-                claim = storage.claim(
+                claim = _timed(
+                    "claim",
+                    storage.claim,
                     scope,
                     key_hash,
                     fingerprint,
@@ -410,8 +442,14 @@ class Flight:
         return owned
 
     def _renew_now(self) -> bool:
-        return self.storage.renew(
-            self.scope, self.key_hash, self.token, now=now(), lease=self._lease
+        return _timed(
+            "renew",
+            self.storage.renew,
+            self.scope,
+            self.key_hash,
+            self.token,
+            now=now(),
+            lease=self._lease,
         )
 
     def finish(self, response: HttpResponseBase) -> HttpResponseBase:
@@ -477,7 +515,9 @@ class Flight:
 
     def _complete(self, stored: StoredResponse | None) -> bool:
         heartbeat.untrack(self)
-        return self.storage.complete(
+        return _timed(
+            "complete",
+            self.storage.complete,
             self.scope,
             self.key_hash,
             self.token,
@@ -556,7 +596,7 @@ class Flight:
     def release(self) -> None:
         self._settle()
         try:
-            self.storage.release(self.scope, self.key_hash, self.token)
+            _timed("release", self.storage.release, self.scope, self.key_hash, self.token)
         except StoreError as exc:
             # The lease still ends on its own; a retry then reclaims the key.
             logger.error("Could not release key %s: %s", self.key_hash[:12], exc)

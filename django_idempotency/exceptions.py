@@ -60,6 +60,13 @@ class RequestInProgress(IdempotencyError):
     retry_after = 1
 
 
+class AlreadyInProgress(RequestInProgress):
+    """Raised by ``idempotent_function`` (and retried by ``contrib.celery``) while another
+    call holds the key; ``retry_after`` says how many seconds to wait before calling again."""
+
+    detail = "A call with this key is still running; call again later."
+
+
 class ResultUnavailable(IdempotencyError):
     status = 409
     code = "idempotency-result-unavailable"

@@ -41,6 +41,24 @@ def parse_key(raw: str, *, strict: bool = False, min_length: int = 1, max_length
     return key
 
 
+def check_derived_key(key: str, *, min_length: int = 1, max_length: int = 255) -> str:
+    """Validate a key that the server derived (a webhook's event id), not a header value.
+
+    No header syntax applies: a quote is part of the key, never a structured-field string. It
+    must still be one token of printable ASCII (no space, no comma, as a bare header key) within
+    the configured bounds, so that it reads the same in logs and in every store.
+    """
+    if any(not 0x21 <= ord(c) <= 0x7E or c == "," for c in key):
+        raise KeyInvalid(
+            "The derived idempotency key must be one token of printable ASCII characters."
+        )
+    if not min_length <= len(key) <= max_length:
+        raise KeyInvalid(
+            f"The derived idempotency key must be {min_length} to {max_length} characters long."
+        )
+    return key
+
+
 def _parse_sf_string(value: str) -> str:
     """The string of a structured-field item, without its parameters.
 

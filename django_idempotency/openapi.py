@@ -150,6 +150,7 @@ class IdempotencySchemaMixin:
 
     view: Any
     method: str
+    path: str
     registry: Any
 
     def get_operation(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
@@ -159,6 +160,10 @@ class IdempotencySchemaMixin:
         if operation is None:
             return None
         policy = operation_policy(self.view, self.method)
+        if policy is None:
+            from django_idempotency.middleware import schema_policy
+
+            policy = schema_policy(self.view, self.path, self.method)
         if policy is not None:
             self.add_idempotency(operation, policy)
         return operation

@@ -11,6 +11,9 @@ request_conflict = Signal()
 fingerprint_mismatch = Signal()
 claim_released = Signal()
 lease_reclaimed = Signal()
+#: A protected view that requires a key got none (400 ``idempotency-key-missing``). Carries
+#: ``request`` only: without a key there is no key hash, and the scope is not resolved.
+key_missing = Signal()
 #: Also carries ``error`` (the exception) and ``stage``: "claim", "renew", "commit", "complete" or
 #: "release".
 store_error = Signal()

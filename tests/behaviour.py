@@ -37,6 +37,11 @@ ENTRIES = [
     Entry("decorator-action", "/actions/pay/", get=False),
     Entry("decorator-django", "/django/payments/"),
     Entry("decorator-async", "/async/payments/", sync=False),
+    # Views without mixin or decorator, protected by IdempotencyMiddleware under /mw/.
+    Entry("middleware-django", "/mw/django/payments/"),
+    Entry("middleware-async", "/mw/async/payments/", sync=False),
+    Entry("middleware-apiview", "/mw/apiview/payments/"),
+    Entry("middleware-viewset-action", "/mw/viewset/payments/refund/", patch=False, get=False),
 ]
 
 

@@ -77,7 +77,10 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "django_idempotency.middleware.IdempotencyMiddleware",
 ]
+# Only the views under /mw/ rely on the middleware; every other entry point is tested without it.
+IDEMPOTENCY_PATHS = ["/mw/"]
 
 TEMPLATES = [
     {

@@ -66,7 +66,8 @@ TIMEOUT = 60.0
 #: Long enough for every request of a storm to arrive while the first one is still running.
 OVERLAP_DELAY = 0.4
 
-DRF_ENTRY_POINTS = ["/mixin/payments/", "/decorator/payments/"]
+# The /mw/ views have neither mixin nor decorator: IdempotencyMiddleware protects them.
+DRF_ENTRY_POINTS = ["/mixin/payments/", "/decorator/payments/", "/mw/apiview/payments/"]
 ALL_ENTRY_POINTS = [
     "/mixin/payments/",
     "/viewset/payments/",
@@ -74,6 +75,10 @@ ALL_ENTRY_POINTS = [
     "/actions/pay/",
     "/django/payments/",
     "/async/payments/",
+    "/mw/django/payments/",
+    "/mw/async/payments/",
+    "/mw/apiview/payments/",
+    "/mw/viewset/payments/refund/",
 ]
 
 
@@ -306,7 +311,7 @@ def view_is_atomic(path: str) -> bool:
     store completes inside it, the others right after its commit). An async view cannot share a
     synchronous transaction (see ``decorators.py``), so its writes stay whatever happens.
     """
-    return path != "/async/payments/"
+    return path not in ("/async/payments/", "/mw/async/payments/")
 
 
 @pytest.fixture
@@ -370,15 +375,15 @@ def test_waiting_storm_replays_the_one_execution(
 def test_storm_of_many_keys_runs_each_view_once(
     principal: Principal, executions: Executions
 ) -> None:
-    """Six keys, one per entry point, eight requests each, interleaved and released at once.
+    """Ten keys, one per entry point, five requests each, interleaved and released at once.
 
-    48 threads, each with its own connection, stay clear of PostgreSQL's default
+    50 threads, each with its own connection, stay clear of PostgreSQL's default
     max_connections (100) even when another test run shares the server.
     """
     views.DELAY = OVERLAP_DELAY
     keys = {path: new_key() for path in ALL_ENTRY_POINTS}
     calls: list[Callable[[], Outcome]] = []
-    for _round in range(8):
+    for _round in range(5):
         for path, key in keys.items():
             calls.append(partial(client_post, path, key, principal.token, path))
     outcomes = run_together(calls)

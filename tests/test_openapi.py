@@ -36,6 +36,7 @@ from django_idempotency.openapi import (  # noqa: E402
     _decorated_policy,
 )
 from tests.testapp import views as testapp_views  # noqa: E402
+from tests.testapp import webhooks as testapp_webhooks  # noqa: E402
 
 PROTECTED = [
     ("/mixin/payments/", "post", False),
@@ -49,11 +50,24 @@ PROTECTED = [
     ("/viewset/payments/refund/", "post", False),
     ("/actions/pay/", "post", False),
     ("/actions/pay/", "patch", False),
+    # No mixin, no decorator: IdempotencyMiddleware covers /mw/ in the test settings.
+    ("/mw/apiview/payments/", "post", False),
+    ("/mw/apiview/payments/", "patch", False),
+    ("/mw/api-view/payments/", "post", False),
+    ("/mw/viewset/payments/refund/", "post", False),
+    # The view's own options win over the middleware's.
+    ("/mw/own/mixin/", "post", True),
+    ("/mw/own/api-view/", "post", True),
 ]
 UNPROTECTED = [
     ("/mixin/payments/", "get"),
     ("/decorator/payments/", "get"),
     ("/viewset/payments/", "get"),
+    ("/mw/apiview/payments/", "get"),
+    # Exempt from the middleware.
+    ("/mw/exempt/apiview/", "post"),
+    ("/mw/exempt/api-view/", "post"),
+    ("/mw/viewset/payments/exempt/", "post"),
 ]
 BASE_URI = "https://django-idempotency.readthedocs.io/en/latest/problems/#"
 
@@ -97,7 +111,14 @@ def schema() -> dict[str, Any]:
         # @api_view resolves DEFAULT_SCHEMA_CLASS when it builds its class, which for the testapp
         # happened at import, before this override (a project sets it in settings.py instead).
         # Putting DRF's lazy descriptor back makes those classes read the setting again.
-        for view in (testapp_views.payment_api_view, testapp_views.required_api_view):
+        for view in (
+            testapp_views.payment_api_view,
+            testapp_views.required_api_view,
+            testapp_views.mw_api_view,
+            testapp_views.mw_exempt_api_view,
+            testapp_views.mw_own_options_api_view,
+            testapp_webhooks.api_webhook,
+        ):
             mp.setattr(view.cls, "schema", APIView.__dict__["schema"])
         return generate()
 

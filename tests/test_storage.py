@@ -29,6 +29,7 @@ from django_idempotency.storage.base import BaseStorage, Claim, State, StoredRes
 from django_idempotency.storage.cache import CacheStorage
 from django_idempotency.storage.cache_add import CacheAddStorage
 from django_idempotency.storage.db import DatabaseStorage
+from django_idempotency.storage.memory import MemoryStorage
 from django_idempotency.storage.redis import RedisStorage
 from tests.backends import redis_endpoint, redis_url_with_db
 
@@ -53,6 +54,7 @@ STORES = [
     "cache-django-redis",
     "cache-django-builtin",
     "cache-add-locmem",
+    "memory",
 ]
 CACHE_BACKENDS = {
     "cache-django-redis": "django_redis.cache.RedisCache",
@@ -66,6 +68,7 @@ EXPECTED_CLASS: dict[str, type[BaseStorage]] = {
     "cache-django-redis": CacheStorage,
     "cache-django-builtin": CacheStorage,
     "cache-add-locmem": CacheAddStorage,
+    "memory": MemoryStorage,
 }
 
 
@@ -93,6 +96,8 @@ def store(request: pytest.FixtureRequest, settings: Any) -> Iterator[BaseStorage
     cleanup: Any = None
     if kind == "orm":
         settings.IDEMPOTENCY_STORE = "db"
+    elif kind == "memory":
+        settings.IDEMPOTENCY_STORE = "django_idempotency.storage.memory.MemoryStorage"
     elif kind == "cache-add-locmem":
         settings.CACHES = {
             "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},

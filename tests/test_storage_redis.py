@@ -74,7 +74,7 @@ def _ids(**overrides: Any) -> list[str]:
 )
 def test_check_e008(overrides: dict[str, Any]) -> None:
     with override_settings(IDEMPOTENCY_REDIS_URL="", IDEMPOTENCY_REDIS_CLIENT=""):
-        assert "django_idempotency.E008" in _ids(**overrides)
+        assert "django_idempotency.E009" in _ids(**overrides)
 
 
 @pytest.mark.parametrize(

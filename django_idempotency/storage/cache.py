@@ -48,6 +48,9 @@ class CacheStorage(LuaStorage):
         """
         return self.cache.make_and_validate_key(f"idempotency:{hash_key(scope, key_hash)}")
 
+    def record_pattern(self) -> str:
+        return self.cache.make_key("idempotency:*")
+
     #: The name this key had before the stores shared their scripts.
     cache_key = record_key
 

@@ -161,6 +161,10 @@ class LuaStorage(BaseStorage):
         """The Redis key of a record. It must carry no hash tag, so records spread over slots."""
 
     @abc.abstractmethod
+    def record_pattern(self) -> str:
+        """A SCAN pattern that matches this store's records and nothing else (for the stats)."""
+
+    @abc.abstractmethod
     def client_for(self, key: str) -> Any:
         """The redis-py client (plain, Sentinel-managed or cluster) that runs ``key``'s scripts."""
 

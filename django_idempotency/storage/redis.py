@@ -123,6 +123,9 @@ class RedisStorage(LuaStorage):
     def record_key(self, scope: str, key_hash: str) -> str:
         return f"{self.prefix}{hash_key(scope, key_hash)}"
 
+    def record_pattern(self) -> str:
+        return f"{self.prefix}*"
+
     def client_for(self, key: str) -> Any:
         return self.client
 

@@ -22,6 +22,8 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.template.response import TemplateResponse
+from django.views import View
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action, api_view
 from rest_framework.request import Request
@@ -29,6 +31,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from django_idempotency import IdempotencyMixin, idempotent
+from django_idempotency.middleware import idempotency_exempt
 from tests.testapp.models import Payment
 
 SCRIPT: list[str] = []
@@ -119,6 +122,13 @@ class PaymentAPIView(IdempotencyMixin, APIView):
         return Response({"count": Payment.objects.count()})
 
 
+class UnprotectedPaymentAPIView(APIView):
+    """The same payment without the mixin: what ``assert_idempotent`` must catch."""
+
+    def post(self, request: Request) -> Any:
+        return drf_response(request)
+
+
 class RequiredPaymentAPIView(PaymentAPIView):
     idempotency_required = True
 
@@ -205,3 +215,107 @@ async def payment_async_view(request: HttpRequest) -> HttpResponseBase:
     user = await sync_to_async(get_user)(request)
     request.user = user
     return await sync_to_async(_django_response)(request)
+
+
+# --- views that only IdempotencyMiddleware protects (under /mw/ in tests.testapp.urls) ---------
+
+
+def mw_django_view(request: HttpRequest) -> HttpResponseBase:
+    if request.method == "GET":
+        return JsonResponse({"count": Payment.objects.count()})
+    return _django_response(request)
+
+
+async def mw_async_view(request: HttpRequest) -> HttpResponseBase:
+    from asgiref.sync import sync_to_async
+
+    if request.method == "GET":
+        return JsonResponse({"count": await Payment.objects.acount()})
+    user = await sync_to_async(get_user)(request)
+    request.user = user
+    return await sync_to_async(_django_response)(request)
+
+
+class MwPaymentAPIView(APIView):
+    def post(self, request: Request) -> Any:
+        return drf_response(request)
+
+    def patch(self, request: Request) -> Any:
+        return drf_response(request)
+
+    def get(self, request: Request) -> Response:
+        return Response({"count": Payment.objects.count()})
+
+
+class MwPaymentViewSet(viewsets.GenericViewSet):
+    queryset = Payment.objects.all()
+    serializer_class = PaymentSerializer
+
+    def create(self, request: Request) -> Any:
+        return drf_response(request)
+
+    def list(self, request: Request) -> Response:
+        return Response({"count": Payment.objects.count()})
+
+    @action(detail=False, methods=["post"])
+    def refund(self, request: Request) -> Any:
+        return drf_response(request)
+
+    @action(detail=False, methods=["post"])
+    @idempotency_exempt
+    def exempt(self, request: Request) -> Any:
+        return drf_response(request)
+
+
+@api_view(["POST"])
+def mw_api_view(request: Request) -> Any:
+    return drf_response(request)
+
+
+# Exempt and self-protected views under /mw/: the middleware must leave each of them alone.
+
+
+@idempotency_exempt
+def mw_exempt_django_view(request: HttpRequest) -> HttpResponseBase:
+    return _django_response(request)
+
+
+@idempotency_exempt
+class MwExemptAPIView(MwPaymentAPIView):
+    pass
+
+
+@idempotency_exempt
+class MwExemptDjangoView(View):
+    def post(self, request: HttpRequest) -> HttpResponseBase:
+        return _django_response(request)
+
+
+@api_view(["POST"])
+@idempotency_exempt
+def mw_exempt_api_view(request: Request) -> Any:
+    return drf_response(request)
+
+
+class MwOwnOptionsAPIView(IdempotencyMixin, APIView):
+    """Uses the mixin with its own options, under a path the middleware also covers."""
+
+    idempotency_required = True
+
+    def post(self, request: Request) -> Any:
+        return drf_response(request)
+
+
+@api_view(["POST"])
+@idempotent(required=True)
+def mw_own_options_api_view(request: Request) -> Any:
+    return drf_response(request)
+
+
+@idempotent(required=True)
+def mw_own_options_django_view(request: HttpRequest) -> HttpResponseBase:
+    return _django_response(request)
+
+
+#: as_view() under another decorator: the middleware cannot rebuild it and must say so.
+mw_wrapped_drf_view = csrf_exempt(MwPaymentAPIView.as_view())
