@@ -84,3 +84,30 @@ def unreachable_database(alias: str = "unreachable") -> Iterator[str]:
     finally:
         wrapper.close()
         del connections[alias]
+
+
+@contextlib.contextmanager
+def store_unreachable() -> Iterator[None]:
+    """Point the configured store (whichever the matrix runs) at a server that is not there."""
+    from django.conf import settings
+    from django.test import override_settings
+
+    if settings.STORE_BACKEND == "db":
+        with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
+            yield
+    elif settings.STORE_BACKEND == "redisstore":
+        with override_settings(
+            IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:1/0?socket_connect_timeout=1&socket_timeout=1"
+        ):
+            yield
+    else:
+        caches = {
+            **settings.CACHES,
+            "unreachable": {
+                "BACKEND": "django_redis.cache.RedisCache",
+                "LOCATION": "redis://127.0.0.1:1/0",
+                "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+            },
+        }
+        with override_settings(CACHES=caches, IDEMPOTENCY_CACHE_ALIAS="unreachable"):
+            yield

@@ -24,7 +24,7 @@ from django_idempotency.conf import settings as idempotency_settings
 from django_idempotency.storage import get_storage
 from tests.behaviour import ENTRIES, Entry, fingerprint_for, problem, record_for, scope_of, send
 from tests.factories import UserFactory
-from tests.faults import TcpProxy, unreachable_database
+from tests.faults import TcpProxy, store_unreachable
 from tests.testapp import views
 from tests.testapp.models import Payment
 
@@ -60,26 +60,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[timedelta]]:
 
 @pytest.fixture
 def store_down() -> Iterator[None]:
-    """Point the configured store at a server that is not there."""
-    if settings.STORE_BACKEND == "db":
-        with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
-            yield
-    elif settings.STORE_BACKEND == "redisstore":
-        with override_settings(
-            IDEMPOTENCY_REDIS_URL="redis://127.0.0.1:1/0?socket_connect_timeout=1&socket_timeout=1"
-        ):
-            yield
-    else:
-        caches = {
-            **settings.CACHES,
-            "unreachable": {
-                "BACKEND": "django_redis.cache.RedisCache",
-                "LOCATION": "redis://127.0.0.1:1/0",
-                "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
-            },
-        }
-        with override_settings(CACHES=caches, IDEMPOTENCY_CACHE_ALIAS="unreachable"):
-            yield
+    with store_unreachable():
+        yield
 
 
 # --- replay ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from django_idempotency.heartbeat import heartbeat
 from django_idempotency.keys import hash_key
 from django_idempotency.storage import get_storage
 from django_idempotency.storage.base import State
+from tests.faults import store_unreachable
 from tests.testapp import functions
 from tests.testapp.models import Payment
 
@@ -426,23 +427,7 @@ def test_exception_in_one_process_lets_the_next_process_run(tmp_path: Path) -> N
 
 @pytest.fixture
 def store_down() -> Iterator[None]:
-    from django.conf import settings
-
-    from tests.faults import unreachable_database
-
-    if settings.STORE_BACKEND == "db":
-        with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
-            yield
-        return
-    caches = {
-        **settings.CACHES,
-        "unreachable": {
-            "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": "redis://127.0.0.1:1/0",
-            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
-        },
-    }
-    with override_settings(CACHES=caches, IDEMPOTENCY_CACHE_ALIAS="unreachable"):
+    with store_unreachable():
         yield
 
 

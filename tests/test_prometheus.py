@@ -22,7 +22,7 @@ from django_idempotency.keys import hash_key
 from django_idempotency.storage import get_storage
 from tests.behaviour import fingerprint_for, scope_of, send
 from tests.factories import UserFactory
-from tests.faults import unreachable_database
+from tests.faults import store_unreachable
 from tests.testapp import views
 
 prometheus = pytest.importorskip("prometheus_client")
@@ -81,20 +81,8 @@ def metrics() -> Iterator[None]:
 
 @pytest.fixture
 def store_down() -> Iterator[None]:
-    if settings.STORE_BACKEND == "db":
-        with unreachable_database() as alias, override_settings(IDEMPOTENCY_DATABASE=alias):
-            yield
-    else:
-        caches = {
-            **settings.CACHES,
-            "unreachable": {
-                "BACKEND": "django_redis.cache.RedisCache",
-                "LOCATION": "redis://127.0.0.1:1/0",
-                "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
-            },
-        }
-        with override_settings(CACHES=caches, IDEMPOTENCY_CACHE_ALIAS="unreachable"):
-            yield
+    with store_unreachable():
+        yield
 
 
 def hold(user: Any, key: str, url: str, *, age: int) -> None:
