@@ -224,6 +224,20 @@ def test_damaged_record_is_a_store_error(store: CacheStorage, raw: redis.Redis) 
         _claim(store, "k")
 
 
+@needs_redis
+def test_held_record_without_a_field_the_replay_needs_is_a_store_error(
+    store: CacheStorage, raw: redis.Redis
+) -> None:
+    # Enough for the claim script to call it held, but no ``created``: the client must refuse it.
+    far = 2**52
+    raw.hset(
+        store.cache_key(SCOPE, "k"),
+        mapping={"state": "completed", "fingerprint": "f", "lease_expires": far, "expires": far},
+    )
+    with pytest.raises(StoreError, match="unreadable idempotency record: KeyError"):
+        _claim(store, "k")
+
+
 # --- Redis unreachable ---------------------------------------------------------------------
 
 

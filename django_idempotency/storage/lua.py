@@ -39,7 +39,8 @@ from django_idempotency.storage.base import (
 )
 
 # KEYS[1] the record. ARGV: now, fingerprint, token, lease end, record end, TTL in milliseconds.
-# Answers {"claimed"}, {"reclaimed"}, or {"held", field, value, ...} for the record in the way.
+# Answers {"claimed"}, {"reclaimed"}, or {"held", <the HELD_FIELDS of the record in the way>}:
+# the fields a lost claim needs, by position, so the client parses 7 values, not every pair.
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local held = redis.call('HMGET', KEYS[1], 'state', 'fingerprint', 'lease_expires', 'expires')
@@ -48,7 +49,7 @@ if held[1] then
   local expired = tonumber(held[4]) <= now
   local dead = held[1] == 'in_flight' and tonumber(held[3]) <= now and held[2] == ARGV[2]
   if not (expired or dead) then
-    local out = redis.call('HGETALL', KEYS[1])
+    local out = redis.call('HMGET', KEYS[1], @HELD_FIELDS@)
     table.insert(out, 1, 'held')
     return out
   end
@@ -59,7 +60,9 @@ redis.call('HSET', KEYS[1], 'v', '@VERSION@', 'state', 'in_flight', 'fingerprint
   'token', ARGV[3], 'created', ARGV[1], 'lease_expires', ARGV[4], 'expires', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return {outcome}
-""".replace("@VERSION@", records.FORMAT_VERSION)
+""".replace("@VERSION@", records.FORMAT_VERSION).replace(
+    "@HELD_FIELDS@", ", ".join(f"'{name}'" for name in records.HELD_FIELDS)
+)
 
 # KEYS[1] the record. ARGV: token, final state, response JSON ('' when unavailable), the earliest
 # record end (microseconds) and the retention it stands for (milliseconds). The expiry set at
@@ -147,7 +150,15 @@ def claim_outcome(answer: Any, token: str) -> Claim:
         return Claim(token=token, reclaimed=outcome == "reclaimed")
     if outcome != "held":
         raise StoreError(f"claim answered {outcome!r}")
-    return Claim(record=records.to_record(records.pairs(answer[1:])))
+    values = answer[1:]
+    if len(values) != len(records.HELD_FIELDS):
+        raise StoreError(f"claim answered {len(values)} fields of the held record")
+    held = {
+        name: records.text(value)
+        for name, value in zip(records.HELD_FIELDS, values, strict=True)
+        if value is not None
+    }
+    return Claim(record=records.to_record(held))
 
 
 class LuaStorage(BaseStorage):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -53,9 +53,8 @@ def flag(value: object) -> bool:
     return bool(value)
 
 
-def pairs(flat: Sequence[object]) -> dict[str, str]:
-    texts = [text(item) for item in flat]
-    return dict(zip(texts[::2], texts[1::2], strict=True))
+#: What a lost claim reads of the record in its way: all that ``to_record`` needs.
+HELD_FIELDS = ("state", "fingerprint", "created", "lease_expires", "expires", "response")
 
 
 def in_flight_fields(
