@@ -17,8 +17,10 @@ server calls it, minus the socket; authentication is a real DRF token looked up 
 Before anything is timed, probes check that the floor and ours behave alike on what the contract
 says (see ``probe``); a failed probe aborts the run (exit status 2), since a wrong implementation
 measures nothing. Then each variant and path (no key, a fresh key per request, a replay of one
-stored key) runs ``--requests`` requests per round for ``--rounds`` rounds, the blocks shuffled
-in every round so that machine noise hits all alike. Reported per request, in microseconds: the
+stored key) sends ``--rounds`` x ``--requests`` requests, interleaved one request at a time: each
+step sends one request of every variant and path, in an order shuffled anew for every step, so
+that a drift of the machine (a slow disk flush, another process) hits every row alike instead of
+the block that happened to run during it. Reported per request, in microseconds: the
 median and the 99th percentile, the median's ratio to the bare view (which has no key path of its
 own: its request is the same with or without the header) and to the floor on the same path, and
 the SQL statements one request sends through Django's cursor (BEGIN and COMMIT not counted).
@@ -230,7 +232,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="per variant, path and round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=30, help="untimed requests per variant")
-    parser.add_argument("--seed", type=int, default=9, help="seed of the block order")
+    parser.add_argument("--seed", type=int, default=9, help="seed of the request order")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = parser.parse_args()
@@ -286,14 +288,12 @@ def main() -> int:
         order = list(ROWS)
         shuffle = random.Random(args.seed).shuffle
         clock = time.perf_counter
-        for _ in range(args.rounds):
+        for _ in range(args.rounds * args.requests):
             shuffle(order)
             for row in order:
-                send, out = senders[row], samples[row]
-                for _ in range(args.requests):
-                    start = clock()
-                    send()
-                    out.append(clock() - start)
+                start = clock()
+                senders[row]()
+                samples[row].append(clock() - start)
     finally:
         common.clear_redis()
         connection.creation.destroy_test_db(old_name, verbosity=0)
