@@ -19,6 +19,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -92,13 +93,15 @@ def main() -> int:
             runner = [python, "-m", "coverage", "run", "-m", "pytest"]
         print(f"\n===== backend {name} =====", flush=True)
         command = [*runner, *PYTEST_ARGS[backend.suite], *args.pytest_args]
+        began = time.monotonic()
         code = subprocess.run(command, cwd=ROOT, env=env).returncode
+        took = f"in {time.monotonic() - began:.0f} s"
         if code != 0:
-            results[name] = f"FAILED (exit {code})"
+            results[name] = f"FAILED (exit {code}) {took}"
         elif down:
             results[name] = f"skipped: nothing answers ({', '.join(down)})"
         else:
-            results[name] = "passed"
+            results[name] = f"passed {took}"
 
     failed = any(r.startswith("FAILED") for r in results.values())
     if not args.no_coverage:
