@@ -12,11 +12,13 @@ the contract that the benchmark's view exercises, with nothing around it:
 - the claim is one atomic statement carrying a random owner token and a lease; a live in-flight
   record is a 409 with ``Retry-After``; an expired record, or a dead lease of the same request,
   is taken over with one UPDATE conditioned on the token that was read;
-- a final response is stored (status, safe headers, body) by one write conditioned on the owner
-  token, on the ORM store inside the view's own transaction, so the payment and the stored
-  response commit together; a 5xx, a transient 4xx or an exception rolls the view back and
-  releases the key (a DELETE conditioned on the token); a replay answers the stored status,
-  headers and bytes plus ``Idempotent-Replayed: true``.
+- the view runs in a transaction: on the ORM store the final response (status, safe headers,
+  body) is stored by one write conditioned on the owner token inside it, so the payment and the
+  stored response commit together; on Redis the view's transaction commits first and the write
+  follows, so a worker killed mid-view leaves no payment behind (the package's
+  ``IDEMPOTENCY_ATOMIC``, on by default for every store); a 5xx, a transient 4xx or an
+  exception rolls the view back and releases the key (a DELETE conditioned on the token); a
+  replay answers the stored status, headers and bytes plus ``Idempotent-Replayed: true``.
 
 Left out because the view never needs them: wait mode, streaming and oversize responses, replay
 hooks, signals, logging, settings and per-view options (the defaults are constants here).
@@ -420,10 +422,8 @@ class FloorMixin(_Base):  # type: ignore[misc]
             ) from None
         if not isinstance(outcome, Won):
             raise _Answer(answer(outcome))
-        atomic = None
-        if floor.transactional:
-            atomic = transaction.atomic()
-            atomic.__enter__()
+        atomic = transaction.atomic()
+        atomic.__enter__()
         self._floor = _Flight(outcome, atomic)
 
     def handle_exception(self, exc: Exception) -> HttpResponseBase:
@@ -459,8 +459,11 @@ class FloorMixin(_Base):  # type: ignore[misc]
         headers = [
             [name, value] for name, value in response.items() if name.lower() in REPLAY_HEADERS
         ]
+        floor = store()
+        if not floor.transactional:
+            return self._commit_then_complete(flight, response, status, headers, body)
         try:
-            owned = store().complete(flight.won, status, headers, body)
+            owned = floor.complete(flight.won, status, headers, body)
         except (DatabaseError, StoreDown):
             flight.close(commit=False, release=False)
             flight.release_quietly()
@@ -474,4 +477,26 @@ class FloorMixin(_Base):  # type: ignore[misc]
         except DatabaseError:
             flight.release_quietly()
             return problem(503, "idempotency-store-unavailable", "The commit failed.", 1)
+        return response
+
+    def _commit_then_complete(
+        self,
+        flight: _Flight,
+        response: HttpResponseBase,
+        status: int,
+        headers: list[list[str]],
+        body: bytes,
+    ) -> HttpResponseBase:
+        # A store outside the database: the view's writes commit first, then the result is
+        # stored. A store that fails now leaves the claim to its lease; the client still gets
+        # the real answer, since the payment did happen.
+        try:
+            flight.close(commit=True, release=False)
+        except DatabaseError:
+            flight.release_quietly()
+            return problem(503, "idempotency-store-unavailable", "The commit failed.", 1)
+        try:
+            store().complete(flight.won, status, headers, body)
+        except StoreDown as exc:
+            print(f"floor: complete failed: {exc!r}", file=sys.stderr)
         return response
