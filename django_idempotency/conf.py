@@ -185,7 +185,7 @@ class Settings:
             )
         )
 
-    @property
+    @cached_property
     def IDEMPOTENCY_ENABLED(self) -> bool:
         """False turns the layer off: protected views run as if unprotected (tests only)."""
         return bool(self._get("IDEMPOTENCY_ENABLED", True))

@@ -50,7 +50,7 @@ from django_idempotency.exceptions import (
     StoreUnavailable,
 )
 from django_idempotency.heartbeat import heartbeat
-from django_idempotency.keys import check_derived_key, hash_key, parse_key
+from django_idempotency.keys import check_derived_key, hash_key, meta_name, parse_key
 from django_idempotency.responses import add_headers, capture, ensure_rendered, problem, replay
 from django_idempotency.storage import get_storage
 from django_idempotency.storage.base import BaseStorage, Claim, Record, State, StoredResponse
@@ -215,7 +215,7 @@ class Policy:
                 min_length=settings.IDEMPOTENCY_KEY_MIN_LENGTH,
                 max_length=settings.IDEMPOTENCY_KEY_MAX_LENGTH,
             )
-        raw = request.headers.get(settings.IDEMPOTENCY_HEADER)
+        raw = request.META.get(meta_name(settings.IDEMPOTENCY_HEADER))
         if raw is None:
             if self.is_required:
                 raise KeyMissing

@@ -21,6 +21,7 @@ from django.http.response import HttpResponseBase
 
 from django_idempotency.conf import settings
 from django_idempotency.core import Flight, Idempotency, Policy, _imported
+from django_idempotency.keys import meta_name
 
 if TYPE_CHECKING:
     from rest_framework.request import Request
@@ -141,13 +142,10 @@ class IdempotencyMixin(_Base):  # type: ignore[misc]
                 if name not in _HOOKS.values()
             }
             for method, name in _HOOKS.items():
-                # The header is read by the engine itself (required, strict format); any other
-                # key comes from an override, found once. The other hooks always go through the
-                # view, whose defaults read the settings.
-                if (
-                    name != "key"
-                    or cls.get_idempotency_key is not IdempotencyMixin.get_idempotency_key
-                ):
+                # Only a hook the class overrides goes through the view; the defaults do what
+                # the policy does without one (read the header, call the configured resolver),
+                # so every request skips their indirection.
+                if getattr(cls, method) is not getattr(IdempotencyMixin, method):
                     options[name] = _ViewHook(method)
             engine = cls._idempotency_engine = Idempotency(Policy(**options))
         return engine
@@ -159,7 +157,7 @@ class IdempotencyMixin(_Base):  # type: ignore[misc]
         if policy is not engine.policy:
             engine = Idempotency(policy)
         protected = policy.protects(request.method)
-        if protected and settings.IDEMPOTENCY_HEADER in request._request.headers:
+        if protected and meta_name(settings.IDEMPOTENCY_HEADER) in request._request.META:
             _read_body_early(request._request)
         super().initial(request, *args, **kwargs)
         if not protected:

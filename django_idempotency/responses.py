@@ -7,6 +7,7 @@ carry another client's cookie.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 
@@ -35,9 +36,15 @@ def capture(response: HttpResponseBase, *, max_size: int) -> StoredResponse | No
     body = response.content
     if len(body) > max_size:
         return None
-    wanted = {h.lower() for h in settings.IDEMPOTENCY_REPLAY_HEADERS} - NEVER_STORED_HEADERS
+    wanted = _stored_headers(settings.IDEMPOTENCY_REPLAY_HEADERS)
     headers = tuple((k, v) for k, v in response.items() if k.lower() in wanted)
     return StoredResponse(status=response.status_code, headers=headers, body=body)
+
+
+@functools.cache
+def _stored_headers(names: tuple[str, ...]) -> frozenset[str]:
+    # Keyed by the setting's value, so a changed setting is a new entry, never a stale one.
+    return frozenset(name.lower() for name in names) - NEVER_STORED_HEADERS
 
 
 def replay(stored: StoredResponse) -> HttpResponse:

@@ -65,6 +65,8 @@ def test_replay_hook_adds_headers_to_replays(monkeypatch: pytest.MonkeyPatch) ->
         lambda self, request, response: {"X-Original-Status": str(response.status_code)},
         raising=True,
     )
+    # The policy is built once per class from the hooks it overrides: build it anew.
+    monkeypatch.setattr(PaymentAPIView, "_idempotency_engine", None)
     client = Client()
     body = json.dumps({"amount": 1})
     first = client.post("/mixin/payments/", body, "application/json", HTTP_IDEMPOTENCY_KEY="k")

@@ -34,6 +34,12 @@ class CacheStorage(LuaStorage):
                 f"{type(cache).__name__}. Use IDEMPOTENCY_STORE = 'cache', which picks "
                 "CacheAddStorage for it, or a Redis cache."
             )
+        # How the cache names keys (KEY_FUNCTION, KEY_PREFIX, VERSION) comes from its settings,
+        # the same in every thread's copy, and the store is rebuilt when CACHES changes: kept
+        # here, naming a record needs no per-thread cache lookup.
+        self._key_func = cache.key_func
+        self._key_prefix = cache.key_prefix
+        self._version = cache.version
 
     @property
     def cache(self) -> BaseCache:
@@ -44,9 +50,11 @@ class CacheStorage(LuaStorage):
         """The backend key of a record: KEY_PREFIX and VERSION apply, the raw scope does not.
 
         The scope is hashed with the key hash so that principals' identifiers (emails, tenant
-        names) never appear in the cache, and keys stay short and memcached-safe.
+        names) never appear in the cache. The key is not validated: validation only warns about
+        what memcached refuses, and a hex digest under a prefix is always a valid Redis key.
         """
-        return self.cache.make_and_validate_key(f"idempotency:{hash_key(scope, key_hash)}")
+        name = f"idempotency:{hash_key(scope, key_hash)}"
+        return str(self._key_func(name, self._key_prefix, self._version))
 
     def record_pattern(self) -> str:
         return self.cache.make_key("idempotency:*")

@@ -127,18 +127,14 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterExcepti
 def claim_arguments(
     fingerprint: str, token: str, *, now: datetime, lease: timedelta, ttl: timedelta
 ) -> tuple[str, ...]:
-    fields = records.in_flight_fields(fingerprint, token, now=now, lease=lease, ttl=ttl)
-    ttl_ms = max(1, math.ceil(ttl.total_seconds() * 1000))
-    return tuple(
-        str(value)
-        for value in (
-            fields["created"],
-            fingerprint,
-            token,
-            fields["lease_expires"],
-            fields["expires"],
-            ttl_ms,
-        )
+    start = records.micros(now)
+    return (
+        str(start),
+        fingerprint,
+        token,
+        str(start + lease // records.MICROSECOND),
+        str(start + ttl // records.MICROSECOND),
+        str(max(1, math.ceil(ttl.total_seconds() * 1000))),
     )
 
 
