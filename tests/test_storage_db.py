@@ -59,18 +59,20 @@ def test_claim_retries_when_the_holder_vanishes_before_it_is_read(
     statement = type(store._statement(connection))
     real_run = statement.run
     monkeypatch.setattr(
-        statement, "run", lambda self, c, fresh: (real_run(self, c, fresh)[0], None)
+        statement,
+        "run",
+        lambda self, cursor, c, fresh: (real_run(self, cursor, c, fresh)[0], None),
     )
-    real_read = DatabaseStorage._read
+    real_read = statement.read
     reads: list[str] = []
 
-    def released_first(self: DatabaseStorage, scope: str, key_hash: str) -> object:
+    def released_first(self: Any, cursor: Any, c: Any, scope: str, key_hash: str) -> object:
         if not reads:
             assert DatabaseStorage().release("s", "h", holder.token)  # type: ignore[arg-type]
         reads.append(scope)
-        return real_read(self, scope, key_hash)
+        return real_read(self, cursor, c, scope, key_hash)
 
-    monkeypatch.setattr(DatabaseStorage, "_read", released_first)
+    monkeypatch.setattr(statement, "read", released_first)
     retry = store.claim("s", "h", "fp", now=now, lease=LEASE, ttl=TTL)
     assert retry.won
     assert reads == ["s"]

@@ -27,6 +27,7 @@ from typing import Any
 
 from django.db import Error, IntegrityError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 from django.db.models import Field, Q
 
 from django_idempotency.conf import settings
@@ -63,6 +64,15 @@ _RECORD_FIELDS = (
 # What a claim writes, in this order; the primary key is the database's.
 _CLAIM_FIELDS = ("scope", "key_hash", "owner_token", *_RECORD_FIELDS)
 
+# What every claim writes alike: the state and an empty response (_ClaimStatement prepares these
+# for the database once, not on every claim).
+_CLAIM_CONSTANTS: dict[str, Any] = {
+    "state": State.IN_FLIGHT.value,
+    "response_status": None,
+    "response_headers": [],
+    "response_body": None,
+}
+
 
 class DatabaseStorage(BaseStorage):
     transactional = True
@@ -93,29 +103,29 @@ class DatabaseStorage(BaseStorage):
             "key_hash": key_hash,
             "owner_token": token,
             "fingerprint": fingerprint,
-            "state": State.IN_FLIGHT.value,
             "created_at": now,
             "lease_expires_at": now + lease,
             "expires_at": now + ttl,
-            "response_status": None,
-            "response_headers": [],
-            "response_body": None,
+            **_CLAIM_CONSTANTS,
         }
         with store_errors("claim", (Error,), detail=False):
             connection = connections[self.using]
-            for _ in range(CLAIM_ATTEMPTS):
-                won, held = self._statement(connection).run(connection, fresh)
-                if won:
-                    return Claim(token=token)
-                if held is None:
-                    held = self._read(scope, key_hash)
+            statement = self._statement(connection)
+            # One cursor for the claim and, when it was lost, the read of the record in its way.
+            with connection.cursor() as cursor:
+                for _ in range(CLAIM_ATTEMPTS):
+                    won, held = statement.run(cursor, connection, fresh)
+                    if won:
+                        return Claim(token=token)
                     if held is None:
-                        continue  # released or purged since the insert saw it: try again
-                pk, old_token, record = held
-                if not record.can_be_taken_over(fingerprint, now):
-                    return Claim(record=record)
-                if self._take_over(pk, old_token, record, fingerprint, fresh, now):
-                    return Claim(token=token, reclaimed=not record.is_expired(now))
+                        held = statement.read(cursor, connection, scope, key_hash)
+                        if held is None:
+                            continue  # released or purged since the insert saw it: try again
+                    pk, old_token, record = held
+                    if not record.can_be_taken_over(fingerprint, now):
+                        return Claim(record=record)
+                    if self._take_over(pk, old_token, record, fingerprint, fresh, now):
+                        return Claim(token=token, reclaimed=not record.is_expired(now))
         raise StoreError("claim kept losing races for the same key")
 
     def _statement(self, connection: BaseDatabaseWrapper) -> _ClaimStatement:
@@ -131,7 +141,8 @@ class DatabaseStorage(BaseStorage):
 
     def _read(self, scope: str, key_hash: str) -> tuple[Any, str, Record] | None:
         connection = connections[self.using]
-        return self._statement(connection).read(connection, scope, key_hash)
+        with connection.cursor() as cursor:
+            return self._statement(connection).read(cursor, connection, scope, key_hash)
 
     def _take_over(
         self,
@@ -361,6 +372,13 @@ class _ClaimStatement:
             self.converters.append(
                 (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
             )
+        # Per claim, the four strings go as they are (a CharField prepares a str to itself) and
+        # the three datetimes through their field; the constants were prepared here, once.
+        self.stamp_field = column("created_at")
+        self.prepared = {
+            name: column(name).get_db_prep_save(value, connection)
+            for name, value in _CLAIM_CONSTANTS.items()
+        }
         self.sql = self.statement(relaxed)
         # The hot statements after the claim, built once rather than compiled by the ORM on each
         # request: reading the holder of a lost claim, and storing the result.
@@ -396,10 +414,23 @@ class _ClaimStatement:
         return f"INSERT INTO {self.table} ({self.columns}) VALUES ({self.placeholders})"
 
     def params(self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]) -> list[Any]:
-        return [f.get_db_prep_save(fresh[f.name], connection) for f in self.fields]
+        prepare, constant = self.stamp_field.get_db_prep_save, self.prepared
+        return [
+            fresh["scope"],
+            fresh["key_hash"],
+            fresh["owner_token"],
+            fresh["fingerprint"],
+            constant["state"],
+            prepare(fresh["created_at"], connection),
+            prepare(fresh["lease_expires_at"], connection),
+            prepare(fresh["expires_at"], connection),
+            constant["response_status"],
+            constant["response_headers"],
+            constant["response_body"],
+        ]
 
     def run(
-        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+        self, cursor: CursorWrapper, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
     ) -> tuple[bool, tuple[Any, str, Record] | None]:
         """Any other backend: a plain INSERT whose unique violation means the claim was lost."""
         savepoint: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -408,18 +439,17 @@ class _ClaimStatement:
             # backends; a savepoint contains the IntegrityError.
             savepoint = transaction.atomic(using=connection.alias)
         try:
-            with savepoint, connection.cursor() as cursor:
+            with savepoint:
                 cursor.execute(self.sql, self.params(connection, fresh))
         except IntegrityError:
             return False, None
         return True, None
 
     def read(
-        self, connection: BaseDatabaseWrapper, scope: str, key_hash: str
+        self, cursor: CursorWrapper, connection: BaseDatabaseWrapper, scope: str, key_hash: str
     ) -> tuple[Any, str, Record] | None:
-        with connection.cursor() as cursor:
-            cursor.execute(self.read_sql, [scope, key_hash])
-            row = cursor.fetchone()
+        cursor.execute(self.read_sql, [scope, key_hash])
+        row = cursor.fetchone()
         return None if row is None else self.holder(connection, row)
 
     def complete(
@@ -479,11 +509,10 @@ class _PostgresClaim(_ClaimStatement):
         )
 
     def run(
-        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+        self, cursor: CursorWrapper, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
     ) -> tuple[bool, tuple[Any, str, Record] | None]:
-        with connection.cursor() as cursor:
-            cursor.execute(self.sql, self.params(connection, fresh))
-            return cursor.fetchone() is not None, None
+        cursor.execute(self.sql, self.params(connection, fresh))
+        return cursor.fetchone() is not None, None
 
 
 class _MariaDBClaim(_ClaimStatement):
@@ -503,11 +532,10 @@ class _MariaDBClaim(_ClaimStatement):
         )
 
     def run(
-        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+        self, cursor: CursorWrapper, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
     ) -> tuple[bool, tuple[Any, str, Record] | None]:
-        with connection.cursor() as cursor:
-            cursor.execute(self.sql, self.params(connection, fresh))
-            row = cursor.fetchone()
+        cursor.execute(self.sql, self.params(connection, fresh))
+        row = cursor.fetchone()
         if row is None:
             return False, None
         if row[1] == fresh["owner_token"]:
@@ -522,11 +550,10 @@ class _SQLiteClaim(_ClaimStatement):
         return f"{super().statement(relaxed)} ON CONFLICT ({self.unique}) DO NOTHING"
 
     def run(
-        self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
+        self, cursor: CursorWrapper, connection: BaseDatabaseWrapper, fresh: dict[str, Any]
     ) -> tuple[bool, tuple[Any, str, Record] | None]:
-        with connection.cursor() as cursor:
-            cursor.execute(self.sql, self.params(connection, fresh))
-            return cursor.rowcount == 1, None
+        cursor.execute(self.sql, self.params(connection, fresh))
+        return cursor.rowcount == 1, None
 
 
 @dataclass
