@@ -9,7 +9,9 @@ The first run creates ``.venv`` and installs the project with its test extras; l
 it and reinstall only when pyproject.toml changed. A backend whose server is not answering has
 its tests skipped with the reason printed, unless IDEMPOTENCY_TEST_REQUIRE_SERVICES=1, which
 makes a missing server fail the run (``.ci/run`` sets it). Coverage is combined over the backends
-that ran; the 95 % floor in pyproject.toml applies when the whole matrix ran.
+that ran; the 95 % floor in pyproject.toml applies when the whole matrix ran. Modules that touch
+no database or store (``STORE_INDEPENDENT`` in tests/backends.py) run on SQLite only, unless
+pytest arguments are given, which run on every selected backend as asked.
 """
 
 from __future__ import annotations
@@ -28,12 +30,6 @@ from tests.backends import BACKENDS
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("IDEMPOTENCY_VENV", ROOT / ".venv"))
 EXTRAS = os.environ.get("IDEMPOTENCY_EXTRAS", "test")
-
-# The example project's tests run with their own settings, in a fixed order.
-PYTEST_ARGS = {
-    "main": ["--ignore=tests/example"],
-    "example": ["-p", "no:randomly", "--ds=tests.example.settings", "tests/example"],
-}
 
 
 def venv_python() -> Path:
@@ -92,7 +88,8 @@ def main() -> int:
         if not args.no_coverage:
             runner = [python, "-m", "coverage", "run", "-m", "pytest"]
         print(f"\n===== backend {name} =====", flush=True)
-        command = [*runner, *PYTEST_ARGS[backend.suite], *args.pytest_args]
+        own = backend.pytest_args(whole_suite=not args.pytest_args)
+        command = [*runner, *own, *args.pytest_args]
         began = time.monotonic()
         code = subprocess.run(command, cwd=ROOT, env=env).returncode
         took = f"in {time.monotonic() - began:.0f} s"

@@ -112,6 +112,21 @@ SERVERS: dict[str, Callable[[Mapping[str, str]], Endpoint]] = {
 }
 
 
+#: Modules whose tests read no database and no store of their own (the HTTP client, the
+#: fingerprint and key parsers, the OpenAPI schema, the memory store, the testing helpers,
+#: problem responses, metrics): the matrix runs them on one backend, SQLite, not on every one.
+STORE_INDEPENDENT = (
+    "test_client.py",
+    "test_fingerprint.py",
+    "test_keys.py",
+    "test_openapi.py",
+    "test_prometheus.py",
+    "test_responses.py",
+    "test_storage_memory.py",
+    "test_testing.py",
+)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One column of the matrix: what ``tests/settings.py`` is told and which servers it needs."""
@@ -120,6 +135,21 @@ class Backend:
     servers: tuple[str, ...] = ()
     #: ``main`` is the package suite (tests/ without tests/example); ``example`` the example's.
     suite: str = "main"
+    #: Whether the matrix runs the ``STORE_INDEPENDENT`` modules here too.
+    everything: bool = False
+
+    def pytest_args(self, *, whole_suite: bool = True) -> list[str]:
+        """What ``runtests.py`` passes to pytest for this backend, before the caller's own.
+
+        ``whole_suite`` False (the caller chose tests or options) keeps every module, so that a
+        test named on the command line runs wherever it was asked to.
+        """
+        if self.suite == "example":
+            return ["-p", "no:randomly", "--ds=tests.example.settings", "tests/example"]
+        skipped = []
+        if whole_suite and not self.everything:
+            skipped = [f"--ignore=tests/{module}" for module in STORE_INDEPENDENT]
+        return ["--ignore=tests/example", *skipped]
 
     def endpoints(self, environ: Mapping[str, str] = os.environ) -> dict[str, Endpoint]:
         merged = {**environ, **self.env}
@@ -135,7 +165,9 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "sqlite": Backend({"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "db"}),
+    "sqlite": Backend(
+        {"IDEMPOTENCY_TEST_DB": "sqlite", "IDEMPOTENCY_TEST_STORE": "db"}, everything=True
+    ),
     "postgres": Backend(
         {"IDEMPOTENCY_TEST_DB": "postgres", "IDEMPOTENCY_TEST_STORE": "db"}, ("PostgreSQL",)
     ),

@@ -20,6 +20,7 @@ from django.conf import settings
 
 from tests.backends import (
     BACKENDS,
+    STORE_INDEPENDENT,
     Endpoint,
     backend_of,
     missing_service,
@@ -111,6 +112,17 @@ def test_a_tox_environment_name_selects_its_backend() -> None:
     assert backend_of("example-production") == "example-production"
     with pytest.raises(SystemExit, match="names no backend"):
         backend_of("lint")
+
+
+def test_store_independent_modules_run_on_sqlite_only_unless_tests_are_named() -> None:
+    tests_dir = Path(__file__).resolve().parent
+    assert all((tests_dir / module).is_file() for module in STORE_INDEPENDENT)
+    ignored = {f"--ignore=tests/{module}" for module in STORE_INDEPENDENT}
+    assert not ignored & set(BACKENDS["sqlite"].pytest_args())
+    for name in ("postgres", "mariadb", "redis", "redis-store"):
+        assert ignored <= set(BACKENDS[name].pytest_args()), name
+        assert not ignored & set(BACKENDS[name].pytest_args(whole_suite=False)), name
+    assert "tests/example" in BACKENDS["example"].pytest_args()
 
 
 @pytest.mark.skipif(settings.DB_BACKEND != "mariadb", reason="runs on the mariadb backend")
