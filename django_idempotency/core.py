@@ -33,6 +33,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.dispatch import Signal
 from django.http import HttpResponse
+from django.http.request import RawPostDataException
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -40,6 +41,7 @@ from django.utils.module_loading import import_string
 from django_idempotency import signals
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import (
+    BodyUnavailable,
     IdempotencyError,
     KeyMissing,
     KeyReused,
@@ -237,6 +239,16 @@ class Policy:
             return fingerprinter(request)
         except RequestDataTooBig as exc:
             raise RequestTooLarge from exc
+        except RawPostDataException as exc:
+            # Code ahead of the layer read the stream itself (request.read(), not request.body):
+            # without the bytes a retry cannot be told from another request, so nothing runs.
+            logger.error(
+                "The body of %s %s was read from its stream before the idempotency layer could "
+                "fingerprint it; read request.body instead, or protect the view before that code",
+                request.method,
+                request.path,
+            )
+            raise BodyUnavailable from exc
 
 
 def _send(signal: Signal, sender: type[BaseStorage], **kwargs: Any) -> None:

@@ -45,6 +45,16 @@ class RequestTooLarge(IdempotencyError):
     detail = "The request body exceeds DATA_UPLOAD_MAX_MEMORY_SIZE and cannot be fingerprinted."
 
 
+class BodyUnavailable(IdempotencyError):
+    status = 500
+    code = "idempotency-body-unavailable"
+    title = "Request body unavailable"
+    detail = (
+        "The server read the request body before it could be fingerprinted; the request was "
+        "not processed."
+    )
+
+
 class KeyReused(IdempotencyError):
     status = 422
     code = "idempotency-key-reused"
@@ -90,6 +100,7 @@ PROBLEMS: tuple[type[IdempotencyError], ...] = (
     KeyMissing,
     KeyInvalid,
     RequestTooLarge,
+    BodyUnavailable,
     KeyReused,
     RequestInProgress,
     ResultUnavailable,

@@ -43,7 +43,8 @@ from django_idempotency.responses import PROBLEM_CONTENT_TYPE, REPLAYED_HEADER
 PROBLEM_COMPONENT = "IdempotencyProblem"
 
 #: The problems a protected operation can answer with, by status. 413 is left out: Django itself
-#: answers it for any oversized body, whether the view is protected or not.
+#: answers it for any oversized body, whether the view is protected or not; so is the 500 of a
+#: body read before the layer, a fault of the server's code that no client can act on.
 DOCUMENTED_PROBLEMS: dict[int, tuple[type[IdempotencyError], ...]] = {
     400: (KeyMissing, KeyInvalid),
     409: (RequestInProgress, ResultUnavailable),

@@ -29,6 +29,7 @@ from django_idempotency.fingerprint import (
     json_fingerprint,
     request_fingerprint,
 )
+from django_idempotency.keys import hash_key
 from tests.behaviour import ENTRIES, Entry, problem
 from tests.testapp.models import Payment
 
@@ -301,3 +302,23 @@ def test_a_consumed_stream_that_held_no_form_never_matches_another() -> None:
     assert request_fingerprint(consumed(b"garbage", "b1")) != request_fingerprint(
         consumed(b"other garbage", "b2")
     )
+
+
+@pytest.mark.django_db
+def test_a_body_stream_read_before_the_layer_is_a_problem_and_the_view_does_not_run() -> None:
+    """Code ahead of the layer read the JSON stream itself (not ``request.body``): the bytes are
+    gone, so no fingerprint can tell a retry from another request. Answer a problem, run
+    nothing, and leave no record."""
+    from django_idempotency.storage import get_storage
+    from tests.testapp.views import payment_django_view
+
+    request = RequestFactory().post(
+        "/p/", b'{"amount": 1}', content_type="application/json", HTTP_IDEMPOTENCY_KEY="read-1"
+    )
+    request.read()
+    before = Payment.objects.count()
+    response: Any = payment_django_view(request)
+    assert response.status_code == 500, response.content
+    assert problem(response)["type"].endswith("#idempotency-body-unavailable")
+    assert Payment.objects.count() == before
+    assert get_storage().get("anonymous", hash_key("anonymous", "read-1")) is None
