@@ -10,4 +10,6 @@ urlpatterns = [
     path("bench/bare/", views.BarePaymentView.as_view()),
     path("bench/floor/", views.FloorPaymentView.as_view()),
     path("bench/ours/", views.OursPaymentView.as_view()),
+    path("bench/async/bare/", views.async_bare_view),
+    path("bench/async/ours/", views.async_ours_view),
 ]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.http import HttpRequest, JsonResponse
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
 from bench.floor import FloorMixin
-from django_idempotency import IdempotencyMixin
+from django_idempotency import IdempotencyMixin, idempotent
 from tests.testapp.views import drf_response
 
 
@@ -29,3 +30,19 @@ class FloorPaymentView(FloorMixin, BarePaymentView):
 
 class OursPaymentView(IdempotencyMixin, BarePaymentView):
     """The same view behind the package, configured only by the settings."""
+
+
+# --- the async bench's views (bench/async_bench.py): no I/O, so only the layer is measured ---
+
+
+async def async_bare_view(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"id": 1, "amount": 10}, status=201)
+
+
+def _one_scope(request: HttpRequest) -> str:
+    return "bench"
+
+
+@idempotent(scope=_one_scope)
+async def async_ours_view(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"id": 1, "amount": 10}, status=201)

@@ -132,23 +132,9 @@ def check_settings(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
 def _check_redis() -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
     url, path = settings.IDEMPOTENCY_REDIS_URL, settings.IDEMPOTENCY_REDIS_CLIENT
-    if path:
-        try:
-            factory = import_string(path)
-        except ImportError as exc:
-            errors.append(
-                _error(
-                    "E009",
-                    f"IDEMPOTENCY_REDIS_CLIENT = {path!r} cannot be imported: {exc}",
-                    "Point it at a zero-argument callable that returns a redis-py client.",
-                )
-            )
-        else:
-            if not callable(factory):
-                errors.append(
-                    _error("E009", f"IDEMPOTENCY_REDIS_CLIENT = {path!r} is not callable.", "")
-                )
-    elif not url:
+    for name in ("IDEMPOTENCY_REDIS_CLIENT", "IDEMPOTENCY_REDIS_ASYNC_CLIENT"):
+        errors.extend(_check_factory(name, getattr(settings, name)))
+    if not path and not url:
         errors.append(
             _error(
                 "E009",
@@ -158,7 +144,7 @@ def _check_redis() -> list[checks.CheckMessage]:
                 "Redis Cluster and Sentinel.",
             )
         )
-    elif url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+    elif not path and url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
         errors.append(
             _error(
                 "E009",
@@ -187,6 +173,24 @@ def _check_redis() -> list[checks.CheckMessage]:
             )
         )
     return errors
+
+
+def _check_factory(name: str, path: str) -> list[checks.CheckMessage]:
+    if not path:
+        return []
+    try:
+        factory = import_string(path)
+    except ImportError as exc:
+        return [
+            _error(
+                "E009",
+                f"{name} = {path!r} cannot be imported: {exc}",
+                "Point it at a zero-argument callable that returns a redis-py client.",
+            )
+        ]
+    if not callable(factory):
+        return [_error("E009", f"{name} = {path!r} is not callable.", "")]
+    return []
 
 
 def running_tests() -> bool:

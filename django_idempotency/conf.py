@@ -67,6 +67,12 @@ class Settings:
         return str(self._get("IDEMPOTENCY_REDIS_CLIENT", "") or "")
 
     @cached_property
+    def IDEMPOTENCY_REDIS_ASYNC_CLIENT(self) -> str:
+        """Dotted path of a zero-argument callable returning the ``redis.asyncio`` twin of that
+        client, for async views; without it a URL-built store makes its own."""
+        return str(self._get("IDEMPOTENCY_REDIS_ASYNC_CLIENT", "") or "")
+
+    @cached_property
     def IDEMPOTENCY_REDIS_KEY_PREFIX(self) -> str:
         return str(self._get("IDEMPOTENCY_REDIS_KEY_PREFIX", "idempotency:"))
 

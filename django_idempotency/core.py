@@ -17,19 +17,22 @@ settings stay live through ``django_idempotency.conf``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
-from django.core.exceptions import RequestDataTooBig
+from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestDataTooBig, SynchronousOnlyOperation
 from django.db import transaction
 from django.dispatch import Signal
 from django.http import HttpResponse
@@ -82,6 +85,7 @@ ReplayHook = Callable[[Any, HttpResponse], "Mapping[str, str] | None"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 #: Called with (operation, seconds) after every store call ("claim", "complete", "release",
 #: "renew"), whether it returned or raised. ``None`` unless a metrics exporter set it
@@ -96,6 +100,17 @@ def _timed(operation: str, call: Callable[_P, _R], *args: _P.args, **kwargs: _P.
     started = time.perf_counter()
     try:
         return call(*args, **kwargs)
+    finally:
+        timer(operation, time.perf_counter() - started)
+
+
+async def _atimed(operation: str, call: Awaitable[_T]) -> _T:
+    timer = store_timer
+    if timer is None:
+        return await call
+    started = time.perf_counter()
+    try:
+        return await call
     finally:
         timer(operation, time.perf_counter() - started)
 
@@ -258,6 +273,30 @@ def _send(signal: Signal, sender: type[BaseStorage], **kwargs: Any) -> None:
         signal.send(sender=sender, **kwargs)
 
 
+_SIGNALS = tuple(value for value in vars(signals).values() if isinstance(value, Signal))
+
+
+def _listened() -> bool:
+    return any(signal.receivers for signal in _SIGNALS)
+
+
+async def _off_loop(call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run a synchronous outcome step from async code: inline when no receiver is connected
+    (it only builds a response), in a worker thread when one is (a receiver may use the ORM)."""
+    if _listened():
+        return await sync_to_async(call)(*args, **kwargs)
+    return call(*args, **kwargs)
+
+
+class _Wait(enum.Enum):
+    """The claim is held by a request still running: look again after a pause."""
+
+    WAIT = "wait"
+
+
+WAIT = _Wait.WAIT
+
+
 def _retry_after() -> int:
     return settings.IDEMPOTENCY_RETRY_AFTER
 
@@ -276,24 +315,60 @@ class Idempotency:
         run the view as usual. An ``HttpResponse``: answer with it and do not run the view. A
         :class:`Flight`: this request owns the key.
         """
-        policy = self.policy
-        if not policy.protects(request.method) or not settings.IDEMPOTENCY_ENABLED:
-            return None
-        if not take_charge(request):
+        if not self._applies(request):
             return None
         try:
-            key = policy.read_key(request)
-            if key is None:
-                return None
-            scope = policy.resolve_scope(request)
-            if scope is None:
-                return None
-            fingerprint = policy.resolve_fingerprint(request)
-            return self._claim(request, scope, hash_key(scope, key), fingerprint)
+            identity = self._identify(request)
         except IdempotencyError as error:
-            if isinstance(error, KeyMissing):
-                _send(signals.key_missing, type(get_storage()), request=request)
-            return problem(error)
+            return self.refused(request, error)
+        if identity is None:
+            return None
+        return self._claim(request, *identity)
+
+    async def abegin(self, request: Any) -> HttpResponse | Flight | None:
+        """:meth:`begin` for an async view.
+
+        On a store with a client on the running loop the claim is awaited there; on any other
+        the whole step runs in one worker thread, as it would for Django's own ORM. The hooks
+        are synchronous code: one that reaches the ORM, which Django refuses on an event loop
+        (the default scope resolver does when the session's user is not loaded yet), is run
+        again in a thread, which is why hooks must not have side effects.
+        """
+        if not get_storage().runs_on_loop():
+            return await sync_to_async(self.begin)(request)
+        if not self._applies(request):
+            return None
+        try:
+            try:
+                identity = self._identify(request)
+            except SynchronousOnlyOperation:
+                identity = await sync_to_async(self._identify)(request)
+        except IdempotencyError as error:
+            return await _off_loop(self.refused, request, error)
+        if identity is None:
+            return None
+        return await self._aclaim(request, *identity)
+
+    def _applies(self, request: Any) -> bool:
+        if not self.policy.protects(request.method) or not settings.IDEMPOTENCY_ENABLED:
+            return False
+        return take_charge(request)
+
+    def _identify(self, request: Any) -> tuple[str, str, str] | None:
+        """The request's scope, key hash and fingerprint; ``None`` when it goes unprotected."""
+        policy = self.policy
+        key = policy.read_key(request)
+        if key is None:
+            return None
+        scope = policy.resolve_scope(request)
+        if scope is None:
+            return None
+        return scope, hash_key(scope, key), policy.resolve_fingerprint(request)
+
+    def refused(self, request: Any, error: IdempotencyError) -> HttpResponse:
+        if isinstance(error, KeyMissing):
+            _send(signals.key_missing, type(get_storage()), request=request)
+        return problem(error)
 
     def _claim(
         self, request: Any, scope: str, key_hash: str, fingerprint: str
@@ -315,17 +390,62 @@ class Idempotency:
                 )
             except StoreError as exc:
                 return self.store_unavailable(storage, exc, info)
-            if claim.token is not None:
-                return self.claim_won(storage, claim, info)
-            record = claim.record
-            assert record is not None  # noqa: S101 - a lost claim always carries the record
-            if record.fingerprint != fingerprint:
-                return self.key_reused(storage, info)
-            if record.state is not State.IN_FLIGHT:
-                return self.replayed(storage, record, info)
-            if time.monotonic() >= deadline:
-                return self.in_progress(storage, record, info)
+            outcome = self._decide(storage, claim, fingerprint, info, deadline)
+            if outcome is not WAIT:
+                return outcome
             time.sleep(WAIT_POLL_SECONDS)
+
+    async def _aclaim(
+        self, request: Any, scope: str, key_hash: str, fingerprint: str
+    ) -> HttpResponse | Flight | None:
+        storage = get_storage()
+        info = {"request": request, "scope": scope, "key_hash": key_hash}
+        deadline = time.monotonic() + self.policy.wait_seconds
+        while True:
+            try:
+                claim = await _atimed(
+                    "claim",
+                    storage.aclaim(
+                        scope,
+                        key_hash,
+                        fingerprint,
+                        now=now(),
+                        lease=self.policy.lease_delta,
+                        ttl=self.policy.ttl_delta,
+                    ),
+                )
+            except StoreError as exc:
+                return await _off_loop(self.store_unavailable, storage, exc, info)
+            if _listened() or self.policy.replay_headers is not None:
+                # Receivers and the replay hook are synchronous code that may reach the ORM.
+                outcome = await sync_to_async(self._decide)(
+                    storage, claim, fingerprint, info, deadline
+                )
+            else:
+                outcome = self._decide(storage, claim, fingerprint, info, deadline)
+            if outcome is not WAIT:
+                return outcome
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+
+    def _decide(
+        self,
+        storage: BaseStorage,
+        claim: Claim,
+        fingerprint: str,
+        info: dict[str, Any],
+        deadline: float,
+    ) -> HttpResponse | Flight | _Wait:
+        if claim.token is not None:
+            return self.claim_won(storage, claim, info)
+        record = claim.record
+        assert record is not None  # noqa: S101 - a lost claim always carries the record
+        if record.fingerprint != fingerprint:
+            return self.key_reused(storage, info)
+        if record.state is not State.IN_FLIGHT:
+            return self.replayed(storage, record, info)
+        if time.monotonic() >= deadline:
+            return self.in_progress(storage, record, info)
+        return WAIT
 
     # The outcomes of a claim, one method each.
 
@@ -481,6 +601,42 @@ class Flight:
             return self._store_then_commit(response, stored)
         return self._commit_then_store(response, stored)
 
+    async def afinish(self, response: HttpResponseBase) -> HttpResponseBase:
+        """:meth:`finish` for an async view, which runs without the view's transaction."""
+        if not self.storage.runs_on_loop():
+            return await sync_to_async(self.finish)(response)
+        if self._settled:
+            return response
+        if not self.policy.is_final(response.status_code):
+            await self.arelease()
+            return response
+        try:
+            if not getattr(response, "is_rendered", True):
+                # A template may reach the ORM: Django's handler renders in a thread too.
+                await sync_to_async(ensure_rendered)(response)
+            stored = capture(response, max_size=settings.IDEMPOTENCY_MAX_RESPONSE_SIZE)
+        except BaseException:
+            await self.afail(*sys.exc_info())
+            raise
+        try:
+            heartbeat.untrack(self)
+            owned = await _atimed(
+                "complete",
+                self.storage.acomplete(
+                    self.scope,
+                    self.key_hash,
+                    self.token,
+                    stored,
+                    now=now(),
+                    min_retention=self._lease,
+                ),
+            )
+        except StoreError as exc:
+            return await _off_loop(self.store_failed, response, exc)
+        if not owned:
+            return self.lease_lost(response)
+        return self.stored(response)
+
     def _store_then_commit(
         self, response: HttpResponseBase, stored: StoredResponse | None
     ) -> HttpResponseBase:
@@ -591,8 +747,30 @@ class Flight:
         ends. Calling it on a settled flight does nothing, so every entry point may call it from
         its last line of defence.
         """
+        if self._unwind(exc_type, exc, tb):
+            self.release()
+
+    async def afail(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        tb: TracebackType | None = None,
+    ) -> None:
+        """:meth:`fail` for an async view."""
+        if not self.storage.runs_on_loop():
+            await sync_to_async(self.fail)(exc_type, exc, tb)
+        elif self._unwind(exc_type, exc, tb):
+            await self.arelease()
+
+    def _unwind(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """Roll the view back; whether the key should then be released."""
         if self._settled:
-            return
+            return False
         self._rollback(exc_type or _Rollback, exc or _Rollback(), tb)
         if exc is not None and not isinstance(exc, Exception):
             logger.warning(
@@ -602,19 +780,31 @@ class Flight:
                 type(exc).__name__,
             )
             self._settle()
-            return
-        self.release()
+            return False
+        return True
 
     def release(self) -> None:
         self._settle()
         try:
             _timed("release", self.storage.release, self.scope, self.key_hash, self.token)
         except StoreError as exc:
-            # The lease still ends on its own; a retry then reclaims the key.
-            logger.error("Could not release key %s: %s", self.key_hash[:12], exc)
-            _send(signals.store_error, type(self.storage), error=exc, stage="release", **self._info)
+            self.release_failed(exc)
             return
         _send(signals.claim_released, type(self.storage), **self._info)
+
+    async def arelease(self) -> None:
+        self._settle()
+        try:
+            await _atimed("release", self.storage.arelease(self.scope, self.key_hash, self.token))
+        except StoreError as exc:
+            await _off_loop(self.release_failed, exc)
+            return
+        await _off_loop(_send, signals.claim_released, type(self.storage), **self._info)
+
+    def release_failed(self, exc: StoreError) -> None:
+        # The lease still ends on its own; a retry then reclaims the key.
+        logger.error("Could not release key %s: %s", self.key_hash[:12], exc)
+        _send(signals.store_error, type(self.storage), error=exc, stage="release", **self._info)
 
     # Plumbing.
 

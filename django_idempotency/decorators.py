@@ -147,7 +147,7 @@ def _async_wrapper(func: Callable[..., Any], engine: Idempotency) -> Callable[..
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
         request = _find_request(args)
-        outcome = await sync_to_async(engine.begin)(request)
+        outcome = await engine.abegin(request)
         if outcome is None:
             return await func(*args, **kwargs)  # type: ignore[no-any-return]
         if not isinstance(outcome, Flight):
@@ -157,10 +157,26 @@ def _async_wrapper(func: Callable[..., Any], engine: Idempotency) -> Callable[..
         try:
             response = await func(*args, **kwargs)
         except BaseException as exc:
-            response = await sync_to_async(_recover)(outcome, request, exc)
-        return await sync_to_async(_finish)(outcome, request, response)
+            response = await _arecover(outcome, request, exc)
+        return await outcome.afinish(response)
 
     return wrapper
+
+
+async def _arecover(flight: Flight, request: Any, exc: BaseException) -> HttpResponseBase:
+    """:func:`_recover` for an async view: the framework's answer may render templates, so it is
+    made in a thread, and the key is released on the loop."""
+    converted = None
+    if isinstance(exc, Exception):
+        try:
+            converted = await sync_to_async(_as_response)(request, exc)
+        except Exception:
+            await flight.afail(*sys.exc_info())
+            raise
+    if converted is None:
+        await flight.afail(type(exc), exc, exc.__traceback__)
+        raise exc
+    return converted
 
 
 def _finish(flight: Flight, request: Any, response: HttpResponseBase) -> HttpResponseBase:

@@ -330,3 +330,31 @@ def sentinel_client() -> Any:
         _addresses("IDEMPOTENCY_TEST_SENTINELS"), socket_timeout=1, socket_connect_timeout=1
     )
     return sentinel.master_for(SENTINEL_MASTER, socket_timeout=2, socket_connect_timeout=1)
+
+
+# --- their redis.asyncio twins, for IDEMPOTENCY_REDIS_ASYNC_CLIENT -------------------------------
+
+
+def async_cluster_client() -> Any:
+    """``cluster_client`` for async views."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    nodes = [ClusterNode(host, port) for host, port in _addresses("IDEMPOTENCY_TEST_CLUSTER_NODES")]
+    return RedisCluster(
+        startup_nodes=nodes,
+        socket_timeout=2,
+        socket_connect_timeout=1,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+    )
+
+
+def async_sentinel_client() -> Any:
+    """``sentinel_client`` for async views."""
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(
+        _addresses("IDEMPOTENCY_TEST_SENTINELS"), socket_timeout=1, socket_connect_timeout=1
+    )
+    return sentinel.master_for(SENTINEL_MASTER, socket_timeout=2, socket_connect_timeout=1)

@@ -12,6 +12,7 @@ the Cluster and Sentinel ones do. ``IDEMPOTENCY_TEST_REQUIRE_SERVICES=1`` makes 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ from typing import Any
 
 import pytest
 import redis
+from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
+from django.db import connections
 from django.utils import timezone
 
 from django_idempotency.keys import hash_key
@@ -131,9 +134,11 @@ def store(request: pytest.FixtureRequest, settings: Any) -> Iterator[BaseStorage
         elif kind == "redis-cluster":
             request.getfixturevalue("redis_cluster")
             settings.IDEMPOTENCY_REDIS_CLIENT = "tests.redis_servers.cluster_client"
+            settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT = "tests.redis_servers.async_cluster_client"
         else:
             request.getfixturevalue("redis_sentinel")
             settings.IDEMPOTENCY_REDIS_CLIENT = "tests.redis_servers.sentinel_client"
+            settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT = "tests.redis_servers.async_sentinel_client"
     storage = get_storage()
     assert type(storage) is EXPECTED_CLASS[kind]
     yield storage
@@ -348,3 +353,36 @@ def test_min_retention_never_shortens_created_plus_ttl(store: BaseStorage) -> No
     )
     record = store.get(SCOPE, "k")
     assert record is not None and record.expires_at == start + TTL
+
+
+#: The stores that await a client of their own on a long-lived loop (an ASGI server's).
+NATIVE_ASYNC = ("redis", "redis-cluster", "redis-sentinel")
+
+
+def test_async_operations_keep_the_contract(store: BaseStorage, request: Any) -> None:
+    """What async views await. On a loop of its own, as under an ASGI server, a store with an
+    async client runs there and the others hop to a thread: the answers are the same."""
+    now = _now()
+
+    async def run() -> bool:
+        try:
+            first = await store.aclaim(SCOPE, "a", "fp-1", now=now, lease=LEASE, ttl=TTL)
+            held = await store.aclaim(SCOPE, "a", "fp-1", now=now, lease=LEASE, ttl=TTL)
+            assert held.record is not None and held.record.state is State.IN_FLIGHT
+            assert not await store.acomplete(SCOPE, "a", "not-the-owner", RESPONSE, now=now)
+            assert await store.acomplete(SCOPE, "a", _token(first), RESPONSE, now=now)
+            replay = await store.aclaim(SCOPE, "a", "fp-1", now=now, lease=LEASE, ttl=TTL)
+            assert replay.record is not None and replay.record.response == RESPONSE
+            other = await store.aclaim(SCOPE, "b", "fp-1", now=now, lease=LEASE, ttl=TTL)
+            assert not await store.arelease(SCOPE, "b", "not-the-owner")
+            assert await store.arelease(SCOPE, "b", _token(other))
+            return store.runs_on_loop()
+        finally:
+            if isinstance(store, RedisStorage):
+                await store.aclose()
+            # The ORM store's thread has a connection of its own: close it like a request does.
+            await sync_to_async(connections.close_all)()
+
+    assert asyncio.run(run()) is (request.node.callspec.params["store"] in NATIVE_ASYNC)
+    assert store.get(SCOPE, "b") is None
+    assert _claim(store, "b").won

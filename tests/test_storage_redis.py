@@ -10,6 +10,8 @@ names the key it was made for.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
 import threading
@@ -69,8 +71,21 @@ def _ids(**overrides: Any) -> list[str]:
         {"IDEMPOTENCY_REDIS_CLIENT": "no.such.factory"},
         {"IDEMPOTENCY_REDIS_CLIENT": "django_idempotency.storage.redis.SAFE_EVICTION_POLICIES"},
         {"IDEMPOTENCY_REDIS_URL": "redis://r/0", "IDEMPOTENCY_REDIS_KEY_PREFIX": "idem:{all}:"},
+        {"IDEMPOTENCY_REDIS_URL": "redis://r/0", "IDEMPOTENCY_REDIS_ASYNC_CLIENT": "no.such"},
+        {
+            "IDEMPOTENCY_REDIS_URL": "redis://r/0",
+            "IDEMPOTENCY_REDIS_ASYNC_CLIENT": "django_idempotency.keys.ANONYMOUS_SCOPE",
+        },
     ],
-    ids=["nothing", "not-a-redis-url", "no-import", "not-callable", "hash-tag"],
+    ids=[
+        "nothing",
+        "not-a-redis-url",
+        "no-import",
+        "not-callable",
+        "hash-tag",
+        "async-no-import",
+        "async-not-callable",
+    ],
 )
 def test_check_e008(overrides: dict[str, Any]) -> None:
     with override_settings(IDEMPOTENCY_REDIS_URL="", IDEMPOTENCY_REDIS_CLIENT=""):
@@ -84,6 +99,13 @@ def test_each_url_scheme_passes_the_checks(url: str) -> None:
     with override_settings(IDEMPOTENCY_REDIS_CLIENT=""):
         assert _ids(IDEMPOTENCY_REDIS_URL=url) == []
     assert _ids(IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client") == []
+    assert (
+        _ids(
+            IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client",
+            IDEMPOTENCY_REDIS_ASYNC_CLIENT="tests.redis_servers.async_cluster_client",
+        )
+        == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,6 +124,34 @@ def test_store_without_a_server_setting_is_refused() -> None:
         pytest.raises(ImproperlyConfigured, match="IDEMPOTENCY_REDIS_URL"),
     ):
         get_storage().client  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_an_async_client_is_used_only_where_it_can_live() -> None:
+    """Only a long-lived loop gets a client: outside any loop, and on a loop that
+    ``async_to_sync`` made for one call (an async view under WSGI), the store hops to a thread,
+    as it does when only a synchronous factory is named."""
+    from asgiref.sync import async_to_sync
+
+    async def native() -> bool:
+        return get_storage().runs_on_loop()
+
+    with override_settings(
+        IDEMPOTENCY_STORE="redis", IDEMPOTENCY_REDIS_URL="redis://r/0", IDEMPOTENCY_REDIS_CLIENT=""
+    ):
+        assert not get_storage().runs_on_loop()
+        assert not async_to_sync(native)()
+        assert asyncio.run(native())
+        with override_settings(IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client"):
+            assert not asyncio.run(native())
+        with (
+            override_settings(IDEMPOTENCY_REDIS_ASYNC_CLIENT="no.such.factory"),
+            pytest.raises(ImproperlyConfigured, match="IDEMPOTENCY_REDIS_ASYNC_CLIENT"),
+        ):
+            asyncio.run(_async_client())
+
+
+async def _async_client() -> Any:
+    return get_storage().aclient()  # type: ignore[attr-defined]
 
 
 def test_keys_carry_no_hash_tag_and_hide_scope_and_key() -> None:
@@ -283,6 +333,10 @@ def test_claim_without_a_replica_acknowledgement_is_503_and_the_view_does_not_ru
         assert elapsed >= 0.2  # it waited for the acknowledgement it never got
         # The claim was released, so the retry is not stuck behind a 409 for a lease.
         assert store.get(ANONYMOUS_SCOPE, hash_key(ANONYMOUS_SCOPE, key)) is None
+        # An async view on a long-lived loop is refused alike.
+        payer = Payer()
+        assert _post_together("/async/payments/", key, 1, payer.user)[0].status_code == 503
+        assert Payment.objects.count() == 1
 
         replica.restart()
         redis_servers.wait_until(
@@ -645,3 +699,249 @@ def test_wait_claim_follows_a_moved_slot(
         claim = store.claim("s", "k", "fp", now=timezone.now(), lease=LEASE, ttl=TTL)
         assert claim.won and not stale
         assert store.release("s", "k", claim.token or "")
+
+
+# --- async views on the event loop ------------------------------------------------------------
+
+
+def _forbid_sync_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the synchronous store calls fail, so that only the loop's own client can answer."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an async view made a synchronous store call")
+
+    for name in ("claim", "complete", "release"):
+        monkeypatch.setattr(RedisStorage, name, refuse)
+
+
+def _post_together(
+    url: str, key: str | None, count: int, user: Any, *, method: str = "post"
+) -> list[Any]:
+    """``count`` identical requests at once, on one long-lived loop as under an ASGI server."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+    from django.test import AsyncClient
+
+    client = AsyncClient(raise_request_exception=False)
+    client.force_login(user)
+
+    async def storm() -> list[Any]:
+        try:
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.generic(
+                            method.upper(),
+                            url,
+                            json.dumps({"amount": 10}),
+                            content_type="application/json",
+                            headers={} if key is None else {"Idempotency-Key": key},
+                        )
+                        for _ in range(count)
+                    )
+                )
+            )
+        finally:
+            store = get_storage()
+            if isinstance(store, RedisStorage):
+                await store.aclose()
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(storm())
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("wait", [0, 10])
+@pytest.mark.parametrize("url", ["/async/payments/", "/mw/async/payments/"])
+def test_async_view_awaits_the_redis_store_on_the_loop_and_runs_once(
+    url: str, wait: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import settings as test_settings
+    from tests.test_storage import _shared_redis_or_skip
+    from tests.testapp import views
+
+    _shared_redis_or_skip()
+    _forbid_sync_operations(monkeypatch)
+    views.DELAY = 0.2
+    payer = Payer()
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_URL=test_settings.REDIS_URL,
+        IDEMPOTENCY_REDIS_CLIENT="",
+        IDEMPOTENCY_REDIS_KEY_PREFIX=f"idem-async-{uuid.uuid4().hex[:8]}:",
+        IDEMPOTENCY_WAIT=wait,
+    ):
+        responses = _post_together(url, payer.key, 30, payer.user)
+        statuses = Counter(r.status_code for r in responses)
+        again = _post_together(url, payer.key, 1, payer.user)[0]
+    assert payer.payments() == 1
+    assert statuses[201] >= 1 and set(statuses) <= {201, 409}, statuses
+    if wait:
+        assert statuses == {201: 30}  # the duplicates waited for the original, then replayed
+    first = next(r for r in responses if r.status_code == 201)
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("method", "key", "required", "status", "payments", "calls"),
+    [
+        ("post", "fresh", False, 201, 1, ["claim", "complete"]),
+        ("get", "fresh", False, 200, 0, []),  # a safe method is not protected
+        ("post", None, False, 201, 1, []),  # no key on an optional view: runs unprotected
+        ("post", None, True, 400, 0, []),  # a required key is missing
+        ("post", "x" * 300, False, 400, 0, []),  # a malformed key
+    ],
+)
+def test_what_an_async_view_on_the_loop_decides_before_the_claim(
+    method: str,
+    key: str | None,
+    required: bool,
+    status: int,
+    payments: int,
+    calls: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django_idempotency import core
+    from tests import settings as test_settings
+    from tests.test_storage import _shared_redis_or_skip
+
+    _shared_redis_or_skip()
+    _forbid_sync_operations(monkeypatch)
+    timed: list[str] = []
+    monkeypatch.setattr(core, "store_timer", lambda operation, seconds: timed.append(operation))
+    payer = Payer()
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_URL=test_settings.REDIS_URL,
+        IDEMPOTENCY_REDIS_CLIENT="",
+        IDEMPOTENCY_REDIS_KEY_PREFIX=f"idem-async-{uuid.uuid4().hex[:8]}:",
+        IDEMPOTENCY_REQUIRED=required,
+    ):
+        answer = _post_together("/async/payments/", key, 1, payer.user, method=method)[0]
+    assert answer.status_code == status
+    if status == 400:
+        assert answer["Content-Type"] == "application/problem+json"
+    assert payer.payments() == payments
+    assert timed == calls
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_view_with_the_redis_store_down_is_503_and_does_not_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _forbid_sync_operations(monkeypatch)
+    payer = Payer()
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0",
+        IDEMPOTENCY_REDIS_CLIENT="",
+    ):
+        response = _post_together("/async/payments/", payer.key, 1, payer.user)[0]
+    assert response.status_code == 503
+    assert response["Content-Type"] == "application/problem+json"
+    assert payer.payments() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_async_views_on_a_cluster_run_each_key_once_on_every_primary(
+    redis_cluster: redis_servers.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid_sync_operations(monkeypatch)
+    payers = [Payer() for _ in range(12)]
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client",
+        IDEMPOTENCY_REDIS_ASYNC_CLIENT="tests.redis_servers.async_cluster_client",
+        IDEMPOTENCY_WAIT=10,
+    ):
+        for payer in payers:
+            responses = _post_together("/async/payments/", payer.key, 10, payer.user)
+            assert [r.status_code for r in responses] == [201] * 10
+            assert payer.payments() == 1
+    assert _primaries_holding(redis_cluster, payers) == {p.port for p in redis_cluster.primaries()}
+
+
+def _store_answers(name: str, answer: Any) -> Callable[..., Any]:
+    async def fake(self: RedisStorage, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return fake
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("step", "fault", "first", "retry", "payments"),
+    [
+        # The view raised before writing: the key goes back and the retry runs.
+        ("early-raise", None, 500, 201, 1),
+        # Django's answer to Http404 is final: the retry replays it.
+        ("early-http404", None, 404, 404, 0),
+        # A 5xx is not final: released, so the retry runs again (no transaction to roll back).
+        ("500", None, 500, 201, 2),
+        # A response that cannot be rendered is the view failing.
+        ("unrenderable", None, 500, 201, 2),
+        # A streamed result is not kept: the retry learns that it cannot be replayed.
+        ("stream", None, 201, 409, 1),
+        # The result could not be stored: the real response goes out, the lease keeps the key.
+        ("ok", ("acomplete", StoreError("complete failed: ConnectionError")), 201, 409, 1),
+        # The claim was taken over meanwhile: the response goes out, the record is not touched.
+        ("ok", ("acomplete", False), 201, 409, 1),
+        # The release failed: the lease still ends on its own, the retry waits for it.
+        ("500", ("arelease", StoreError("release failed: ConnectionError")), 500, 409, 1),
+    ],
+)
+def test_every_outcome_of_an_async_view_on_the_loop(
+    step: str,
+    fault: tuple[str, Any] | None,
+    first: int,
+    retry: int,
+    payments: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.dispatch import receiver
+
+    from django_idempotency import signals
+    from tests import settings as test_settings
+    from tests.test_storage import _shared_redis_or_skip
+    from tests.testapp import views
+
+    _shared_redis_or_skip()
+    _forbid_sync_operations(monkeypatch)
+    heard: list[tuple[str, int]] = []
+
+    # Receivers may use the ORM, which Django refuses on the loop: they run in a thread.
+    def listen(name: str) -> Callable[..., None]:
+        def hear(sender: Any, **kwargs: Any) -> None:
+            heard.append((name, get_user_model().objects.count()))
+
+        return hear
+
+    hearers = {name: listen(name) for name in ("key_claimed", "response_replayed", "store_error")}
+    for name, hear in hearers.items():
+        receiver(getattr(signals, name))(hear)
+    payer = Payer()
+    views.SCRIPT.append(step)
+    try:
+        with override_settings(
+            IDEMPOTENCY_STORE="redis",
+            IDEMPOTENCY_REDIS_URL=test_settings.REDIS_URL,
+            IDEMPOTENCY_REDIS_CLIENT="",
+            IDEMPOTENCY_REDIS_KEY_PREFIX=f"idem-async-{uuid.uuid4().hex[:8]}:",
+        ):
+            if fault is not None:
+                monkeypatch.setattr(RedisStorage, fault[0], _store_answers(*fault))
+            answer = _post_together("/async/payments/", payer.key, 1, payer.user)[0]
+            monkeypatch.undo()
+            _forbid_sync_operations(monkeypatch)
+            again = _post_together("/async/payments/", payer.key, 1, payer.user)[0]
+    finally:
+        for name, hear in hearers.items():
+            getattr(signals, name).disconnect(hear)
+    assert (answer.status_code, again.status_code) == (first, retry)
+    assert payer.payments() == payments
+    assert ("key_claimed", 1) in heard
+    assert (("store_error", 1) in heard) == (fault is not None and fault[1] is not False)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 
+from asgiref.sync import sync_to_async
+
 from django_idempotency.exceptions import StoreError
 
 # Re-exported: the purge types lived here before they had a module of their own.
@@ -227,6 +229,47 @@ class BaseStorage(abc.ABC):
         each batch. ``dry_run`` walks the same batches and deletes nothing.
         """
         return PurgeResult(dry_run=dry_run)
+
+    # Async views. The engine awaits these only where :meth:`runs_on_loop` says the store has a
+    # client on the running event loop; otherwise it runs its synchronous steps in a worker
+    # thread, one hop per step, as Django runs the ORM for async code. These defaults do the
+    # same hop, so that a caller that awaits them on any store gets the same answers.
+
+    def runs_on_loop(self) -> bool:
+        """True when :meth:`aclaim`, :meth:`acomplete` and :meth:`arelease` await a native
+        async client on the running loop instead of a worker thread."""
+        return False
+
+    async def aclaim(
+        self,
+        scope: str,
+        key_hash: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        lease: timedelta,
+        ttl: timedelta,
+    ) -> Claim:
+        return await sync_to_async(self.claim)(
+            scope, key_hash, fingerprint, now=now, lease=lease, ttl=ttl
+        )
+
+    async def acomplete(
+        self,
+        scope: str,
+        key_hash: str,
+        token: str,
+        response: StoredResponse | None,
+        *,
+        now: datetime,
+        min_retention: timedelta = timedelta(0),
+    ) -> bool:
+        return await sync_to_async(self.complete)(
+            scope, key_hash, token, response, now=now, min_retention=min_retention
+        )
+
+    async def arelease(self, scope: str, key_hash: str, token: str) -> bool:
+        return await sync_to_async(self.release)(scope, key_hash, token)
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:

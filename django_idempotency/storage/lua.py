@@ -24,6 +24,7 @@ from typing import Any
 # arrives on many threads at once, and redis-py's package (which imports redis.asyncio, which
 # imports redis.cluster...) does not survive being imported by several threads together; the
 # loser got an ImportError, hence a 500, under the cluster storm test.
+from asgiref.sync import sync_to_async
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from django_idempotency.exceptions import StoreError
@@ -111,6 +112,13 @@ class Script:
             # flushed, or failed-over) server pays this second round trip.
             return client.eval(self.source, 1, key, *args)
 
+    async def acall(self, client: Any, key: str, *args: str) -> Any:
+        """The same on a ``redis.asyncio`` client."""
+        try:
+            return await client.evalsha(self.sha, 1, key, *args)
+        except NoScriptError:
+            return await client.eval(self.source, 1, key, *args)
+
 
 CLAIM_SCRIPT = Script(_CLAIM)
 COMPLETE_SCRIPT = Script(_COMPLETE)
@@ -136,6 +144,18 @@ def claim_arguments(
         str(start + ttl // records.MICROSECOND),
         str(max(1, math.ceil(ttl.total_seconds() * 1000))),
     )
+
+
+def complete_arguments(
+    token: str, response: StoredResponse | None, *, now: datetime, min_retention: timedelta
+) -> tuple[str, ...]:
+    if response is None:
+        state, document = State.UNAVAILABLE.value, ""
+    else:
+        state, document = State.COMPLETED.value, records.dump_response(response)
+    keep_until = str(records.micros(now + min_retention))
+    keep_ms = str(max(1, math.ceil(min_retention.total_seconds() * 1000)))
+    return (token, state, document, keep_until, keep_ms)
 
 
 def claim_outcome(answer: Any, token: str) -> Claim:
@@ -175,9 +195,24 @@ class LuaStorage(BaseStorage):
     def client_for(self, key: str) -> Any:
         """The redis-py client (plain, Sentinel-managed or cluster) that runs ``key``'s scripts."""
 
+    def aclient(self) -> Any:
+        """The ``redis.asyncio`` client of the running loop, or ``None`` when the store has none
+        there (its async steps then run the synchronous client in a thread)."""
+        return None
+
+    def runs_on_loop(self) -> bool:
+        return self.aclient() is not None
+
     def _run(self, script: Script, stage: str, key: str, *args: str) -> Any:
         with store_errors(stage, REDIS_ERRORS):
             return script(self.client_for(key), key, *args)
+
+    async def _arun(self, script: Script, stage: str, key: str, *args: str) -> Any:
+        with store_errors(stage, REDIS_ERRORS):
+            client = self.aclient()
+            if client is not None:
+                return await script.acall(client, key, *args)
+        return await sync_to_async(self._run)(script, stage, key, *args)
 
     def claim(
         self,
@@ -194,6 +229,21 @@ class LuaStorage(BaseStorage):
         arguments = claim_arguments(fingerprint, token, now=now, lease=lease, ttl=ttl)
         return claim_outcome(self._run(CLAIM_SCRIPT, "claim", key, *arguments), token)
 
+    async def aclaim(
+        self,
+        scope: str,
+        key_hash: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        lease: timedelta,
+        ttl: timedelta,
+    ) -> Claim:
+        key = self.record_key(scope, key_hash)
+        token = new_token()
+        arguments = claim_arguments(fingerprint, token, now=now, lease=lease, ttl=ttl)
+        return claim_outcome(await self._arun(CLAIM_SCRIPT, "claim", key, *arguments), token)
+
     def complete(
         self,
         scope: str,
@@ -205,16 +255,22 @@ class LuaStorage(BaseStorage):
         min_retention: timedelta = timedelta(0),
     ) -> bool:
         key = self.record_key(scope, key_hash)
-        if response is None:
-            state, document = State.UNAVAILABLE.value, ""
-        else:
-            state, document = State.COMPLETED.value, records.dump_response(response)
-        keep_until = str(records.micros(now + min_retention))
-        keep_ms = str(max(1, math.ceil(min_retention.total_seconds() * 1000)))
-        answer = self._run(
-            COMPLETE_SCRIPT, "complete", key, token, state, document, keep_until, keep_ms
-        )
-        return records.flag(answer)
+        arguments = complete_arguments(token, response, now=now, min_retention=min_retention)
+        return records.flag(self._run(COMPLETE_SCRIPT, "complete", key, *arguments))
+
+    async def acomplete(
+        self,
+        scope: str,
+        key_hash: str,
+        token: str,
+        response: StoredResponse | None,
+        *,
+        now: datetime,
+        min_retention: timedelta = timedelta(0),
+    ) -> bool:
+        key = self.record_key(scope, key_hash)
+        arguments = complete_arguments(token, response, now=now, min_retention=min_retention)
+        return records.flag(await self._arun(COMPLETE_SCRIPT, "complete", key, *arguments))
 
     def renew(
         self, scope: str, key_hash: str, token: str, *, now: datetime, lease: timedelta
@@ -226,6 +282,10 @@ class LuaStorage(BaseStorage):
     def release(self, scope: str, key_hash: str, token: str) -> bool:
         key = self.record_key(scope, key_hash)
         return records.flag(self._run(RELEASE_SCRIPT, "release", key, token))
+
+    async def arelease(self, scope: str, key_hash: str, token: str) -> bool:
+        key = self.record_key(scope, key_hash)
+        return records.flag(await self._arun(RELEASE_SCRIPT, "release", key, token))
 
     def get(self, scope: str, key_hash: str) -> Record | None:
         key = self.record_key(scope, key_hash)

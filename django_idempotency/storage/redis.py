@@ -16,17 +16,28 @@ With ``IDEMPOTENCY_REDIS_WAIT_REPLICAS = n`` a claim is followed, on the same co
 asynchronous replica is promoted, and the retry would run the view a second time. When fewer
 than ``n`` replicas confirm in time the claim is released and the request answers 503 without
 running the view.
+
+Async views await the same scripts on a ``redis.asyncio`` client, one per event loop (its
+connections belong to the loop): ``IDEMPOTENCY_REDIS_ASYNC_CLIENT`` names its factory, and a
+URL-configured store builds it from the URL. A loop that ``async_to_sync`` made for one call (an
+async view served over WSGI, where every request gets a loop of its own) would leave a client
+with open connections behind per request, so there the synchronous client runs in a thread, as
+it does when only ``IDEMPOTENCY_REDIS_CLIENT`` is set, and for a claim that waits for replicas.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
+import weakref
 from datetime import datetime, timedelta
 from typing import Any
 
 import redis
+import redis.asyncio
+from asgiref.sync import AsyncToSync, sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
@@ -77,6 +88,31 @@ def build_client() -> Any:
     )
 
 
+def build_async_client() -> Any:
+    """A new ``redis.asyncio`` client from the settings, or ``None`` when they name only a
+    synchronous factory (whose async twin cannot be guessed)."""
+    path = settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT
+    if path:
+        try:
+            factory = import_string(path)
+        except ImportError as exc:
+            raise ImproperlyConfigured(
+                f"IDEMPOTENCY_REDIS_ASYNC_CLIENT = {path!r} could not be imported: {exc}"
+            ) from exc
+        return factory()
+    url = settings.IDEMPOTENCY_REDIS_URL
+    if settings.IDEMPOTENCY_REDIS_CLIENT or not url:
+        return None
+    return redis.asyncio.Redis.from_url(
+        url, socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT
+    )
+
+
+def _one_call_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` is one that ``async_to_sync`` made for a single call and will close."""
+    return loop in getattr(AsyncToSync, "loop_thread_executors", ())
+
+
 def eviction_problem(client: Any) -> str | None:
     """Why the server may drop live records, if its configuration says so and can be read.
 
@@ -105,6 +141,13 @@ class RedisStorage(LuaStorage):
         self.wait_timeout = settings.IDEMPOTENCY_REDIS_WAIT_TIMEOUT
         self._client: Any = None
         self._lock = threading.Lock()
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._has_async = bool(
+            settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT
+            or (settings.IDEMPOTENCY_REDIS_URL and not settings.IDEMPOTENCY_REDIS_CLIENT)
+        )
 
     @property
     def client(self) -> Any:
@@ -119,6 +162,42 @@ class RedisStorage(LuaStorage):
                         logger.warning("django_idempotency: %s", problem)
                     self._client = client
         return self._client
+
+    def _native_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The running loop, where this store has an async client for it."""
+        if not self._has_async:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return None if _one_call_loop(loop) else loop
+
+    def runs_on_loop(self) -> bool:
+        return self._native_loop() is not None
+
+    def aclient(self) -> Any:
+        loop = self._native_loop()
+        if loop is None:
+            return None
+        client = self._aclients.get(loop)
+        if client is None:
+            with self._lock:
+                client = self._aclients.get(loop)
+                if client is None:
+                    client = self._aclients[loop] = build_async_client()
+        return client
+
+    async def aclose(self) -> None:
+        """Close the running loop's async client (an ASGI lifespan shutdown may call this)."""
+        client = self._aclients.pop(asyncio.get_running_loop(), None)
+        if client is None:
+            return
+        await client.aclose()
+        # A Sentinel-managed client's pool also holds connections to the sentinels.
+        manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
 
     def record_key(self, scope: str, key_hash: str) -> str:
         return f"{self.prefix}{hash_key(scope, key_hash)}"
@@ -158,6 +237,23 @@ class RedisStorage(LuaStorage):
             )
         return outcome
 
+    async def aclaim(
+        self,
+        scope: str,
+        key_hash: str,
+        fingerprint: str,
+        *,
+        now: datetime,
+        lease: timedelta,
+        ttl: timedelta,
+    ) -> Claim:
+        if self.wait_replicas <= 0:
+            return await super().aclaim(scope, key_hash, fingerprint, now=now, lease=lease, ttl=ttl)
+        # The replica wait costs more than the hop, and needs the node's own connection.
+        return await sync_to_async(self.claim)(
+            scope, key_hash, fingerprint, now=now, lease=lease, ttl=ttl
+        )
+
     def _claim_and_wait(self, key: str, arguments: tuple[str, ...]) -> tuple[Any, int]:
         """The claim and ``WAIT`` in one pipeline, hence on one connection: ``WAIT`` counts the
         replicas that have this connection's writes, so any other connection would measure
@@ -182,6 +278,10 @@ class RedisStorage(LuaStorage):
 
     def _node_client(self, key: str) -> Any:
         client = self.client
-        if hasattr(client, "get_node_from_key"):  # RedisCluster: the primary of the key's slot
+        if _is_cluster(client):  # the primary of the key's slot
             return client.get_node_from_key(key).redis_connection
         return client
+
+
+def _is_cluster(client: Any) -> bool:
+    return hasattr(client, "get_node_from_key")
