@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
@@ -53,6 +54,7 @@ from tests.testapp.models import Payment
 LEASE = timedelta(seconds=60)
 TTL = timedelta(hours=24)
 PATH = "/mixin/payments/"
+RESPONSE = StoredResponse(201, (("Content-Type", "application/json"),), b'{"id": 1}')
 
 
 def _ids(**overrides: Any) -> list[str]:
@@ -945,3 +947,185 @@ def test_every_outcome_of_an_async_view_on_the_loop(
     assert payer.payments() == payments
     assert ("key_claimed", 1) in heard
     assert (("store_error", 1) in heard) == (fault is not None and fault[1] is not False)
+
+
+# --- resharding and a cluster that is down ----------------------------------------------------
+
+
+def _two_nodes(root: Path, *, b_slots: bool) -> tuple[redis_servers.Server, redis_servers.Server]:
+    args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+    a = redis_servers.start_server(root / "a", args, port=redis_servers.free_port(bus=True))
+    b = redis_servers.start_server(root / "b", args, port=redis_servers.free_port(bus=True))
+    if b_slots:
+        a.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)
+        b.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
+    else:
+        a.client().execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    a.client().execute_command("CLUSTER", "MEET", "127.0.0.1", b.port)
+    redis_servers.wait_until(
+        lambda: all(
+            s.client().cluster("info").get("cluster_state") == "ok"
+            and int(s.client().cluster("info").get("cluster_known_nodes", 0)) == 2
+            for s in (a, b)
+        ),
+        "the two nodes to form a cluster",
+    )
+    return a, b
+
+
+@pytest.fixture(params=["rebalance", "new-shard"])
+def two_nodes(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[redis_servers.Server, redis_servers.Server]]:
+    """A cluster of our own, free to reshard: node A and node B, each serving half the slots
+    (``rebalance``), or A serving all of them and B none yet (``new-shard``, a shard just
+    added)."""
+    from tests.conftest import _servers_or_skip
+
+    _servers_or_skip()
+    a, b = _two_nodes(tmp_path, b_slots=request.param == "rebalance")
+    try:
+        monkeypatch.setenv("IDEMPOTENCY_TEST_CLUSTER_NODES", f"{a.address},{b.address}")
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+def _node_id(server: redis_servers.Server) -> str:
+    return str(server.client().execute_command("CLUSTER", "MYID").decode())
+
+
+def _key_on(store: RedisStorage, slots: range, *, not_: tuple[str, ...] = ()) -> str:
+    """A key hash whose record lands on one of ``slots``."""
+    for i in range(1_000_000):
+        name = f"k{i}"
+        if name not in not_ and store.client.keyslot(store.record_key("s", name)) in slots:
+            return name
+    raise AssertionError("no key for the slots")  # pragma: no cover
+
+
+def _asking(server: redis_servers.Server) -> int:
+    stats = server.client().info("commandstats")
+    return int(stats.get("cmdstat_asking", {}).get("calls", 0))
+
+
+def test_a_slot_resharded_under_the_store_is_followed_through_ask_and_moved(
+    two_nodes: tuple[redis_servers.Server, redis_servers.Server], request: pytest.FixtureRequest
+) -> None:
+    """A live slot migration (``CLUSTER SETSLOT … MIGRATING/IMPORTING``, ``MIGRATE``, then
+    ``SETSLOT … NODE``) from A to B. While the slot moves, A answers ``ASK`` for the records it
+    no longer holds; once it moved, ``MOVED``. Claims stay exactly-once and results replay.
+
+    Between two shards the client follows ``ASK`` to B. To a shard that served no slot when the
+    client read the topology (one just added), redis-py's cluster client cannot follow ``ASK``
+    (it knows no such node): those calls are a 503 until the slot has moved, never a 500."""
+    a, b = two_nodes
+    new_shard = request.node.callspec.params["two_nodes"] == "new-shard"
+    with override_settings(
+        IDEMPOTENCY_STORE="redis",
+        IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client",
+        IDEMPOTENCY_REDIS_ASYNC_CLIENT="tests.redis_servers.async_cluster_client",
+        IDEMPOTENCY_REDIS_KEY_PREFIX="idem-reshard:",
+    ):
+        store = get_storage()
+        assert isinstance(store, RedisStorage)
+        now = timezone.now()
+        name = _key_on(store, range(8192))  # a slot A serves in both layouts
+        moved = store.record_key("s", name)
+        slot = store.client.keyslot(moved)
+        fresh = _key_on(store, range(slot, slot + 1), not_=(name,))
+        on_loop = _key_on(store, range(slot, slot + 1), not_=(name, fresh))
+
+        async def claim_on_the_loop() -> Any:
+            try:
+                assert store.runs_on_loop()
+                return await store.aclaim("s", on_loop, "fp", now=now, lease=LEASE, ttl=TTL)
+            finally:
+                await store.aclose()
+
+        first = store.claim("s", name, "fp", now=now, lease=LEASE, ttl=TTL)
+        assert first.won and a.client().exists(moved)
+
+        # The slot starts moving, and its one record goes to B.
+        b.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", _node_id(a))
+        a.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", _node_id(b))
+        a.client().execute_command("MIGRATE", "127.0.0.1", b.port, "", 0, 5000, "KEYS", moved)
+        assert a.client().dbsize() == 0
+        assert b.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 1
+        asked = _asking(b)
+        if new_shard:
+            with pytest.raises(StoreError, match="node its client does not know"):
+                store.complete("s", name, first.token or "", RESPONSE, now=now)
+            with pytest.raises(StoreError, match="node its client does not know"):
+                store.claim("s", fresh, "fp", now=now, lease=LEASE, ttl=TTL)
+            with pytest.raises(StoreError):
+                asyncio.run(claim_on_the_loop())
+            assert b.client().dbsize() == 1  # nothing ran on B, or anywhere
+        else:
+            assert store.complete("s", name, first.token or "", RESPONSE, now=now)
+            won = store.claim("s", fresh, "fp", now=now, lease=LEASE, ttl=TTL)
+            lost = store.claim("s", fresh, "fp", now=now, lease=LEASE, ttl=TTL)
+            assert won.won and not lost.won
+            assert asyncio.run(claim_on_the_loop()).won
+            assert _asking(b) >= asked + 4  # each of them was redirected by ASK
+            assert store.release("s", fresh, won.token or "")
+
+        # The move completes: A now answers MOVED to a client that still thinks it owns the slot.
+        for server in (a, b):
+            server.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", _node_id(b))
+        assert store.client.get_node_from_key(moved).port == a.port
+        if new_shard:
+            assert not store.claim("s", name, "fp", now=now, lease=LEASE, ttl=TTL).won
+            assert store.complete("s", name, first.token or "", RESPONSE, now=now)
+        replay = store.claim("s", name, "fp", now=now, lease=LEASE, ttl=TTL)
+        assert replay.record is not None and replay.record.response == RESPONSE
+        assert store.client.get_node_from_key(moved).port == b.port
+        assert b.client().exists(moved) and not b.client().exists(store.record_key("s", fresh))
+        assert a.client().dbsize() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_clusterdown_is_a_503_and_the_view_does_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: Any
+) -> None:
+    """A cluster that reports itself down (here: a slot that no node serves any more) answers
+    ``CLUSTERDOWN``: the request gets a 503 problem, the view does not run, nothing is left."""
+    from tests.conftest import _servers_or_skip
+
+    _servers_or_skip()
+    a, b = _two_nodes(tmp_path, b_slots=False)
+    monkeypatch.setenv("IDEMPOTENCY_TEST_CLUSTER_NODES", f"{a.address},{b.address}")
+    payer = Payer()
+    key_hash = hash_key(payer.scope, payer.key)
+    try:
+        with override_settings(
+            IDEMPOTENCY_STORE="redis",
+            IDEMPOTENCY_REDIS_CLIENT="tests.redis_servers.cluster_client",
+            IDEMPOTENCY_REDIS_KEY_PREFIX="idem-down:",
+        ):
+            store = get_storage()
+            assert isinstance(store, RedisStorage)
+            slot = store.client.keyslot(store.record_key(payer.scope, key_hash))
+            a.client().execute_command("CLUSTER", "DELSLOTS", slot)
+            with pytest.raises(redis.exceptions.ClusterDownError):
+                a.client().execute_command("SET", store.record_key(payer.scope, key_hash), "x")
+            response = client.post(
+                PATH,
+                {"amount": 5},
+                content_type="application/json",
+                headers={"Idempotency-Key": payer.key, "Authorization": f"Token {payer.token}"},
+            )
+            assert response.status_code == 503
+            assert response["Content-Type"] == "application/problem+json"
+            assert response.json()["type"].endswith("#idempotency-store-unavailable")
+            assert payer.payments() == 0
+            errors = a.client().info("errorstats")
+            assert errors["errorstat_CLUSTERDOWN"]["count"] >= 1  # what the server answered
+            # redis-py reads the topology again after CLUSTERDOWN, and finds the hole in it.
+            with pytest.raises(StoreError, match="claim failed: RedisClusterException"):
+                store.claim(payer.scope, key_hash, "fp", now=timezone.now(), lease=LEASE, ttl=TTL)
+            assert a.client().dbsize() == b.client().dbsize() == 0
+    finally:
+        b.stop()
+        a.stop()

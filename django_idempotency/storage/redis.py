@@ -49,6 +49,7 @@ from django_idempotency.storage.lua import (
     CLAIM_SCRIPT,
     REDIS_ERRORS,
     LuaStorage,
+    Script,
     claim_arguments,
     claim_outcome,
 )
@@ -208,6 +209,22 @@ class RedisStorage(LuaStorage):
     def client_for(self, key: str) -> Any:
         return self.client
 
+    def _run(self, script: Script, stage: str, key: str, *args: str) -> Any:
+        try:
+            return super()._run(script, stage, key, *args)
+        except AttributeError as exc:
+            if not _is_cluster(self.client):
+                raise
+            raise _unknown_node(stage) from exc
+
+    async def _arun(self, script: Script, stage: str, key: str, *args: str) -> Any:
+        try:
+            return await super()._arun(script, stage, key, *args)
+        except AttributeError as exc:
+            if not _is_cluster(self.aclient()):
+                raise
+            raise _unknown_node(stage) from exc
+
     def claim(
         self,
         scope: str,
@@ -285,3 +302,11 @@ class RedisStorage(LuaStorage):
 
 def _is_cluster(client: Any) -> bool:
     return hasattr(client, "get_node_from_key")
+
+
+def _unknown_node(stage: str) -> StoreError:
+    """redis-py's cluster clients follow ASK only to nodes they already know: while a slot moves
+    to a shard that served no slot when they read the topology (one just added), the redirected
+    call fails inside the client before anything is sent to that shard. Nothing ran; once the
+    slot has moved, MOVED teaches the client the new owner."""
+    return StoreError(f"{stage} failed: the cluster redirected to a node its client does not know")
