@@ -89,9 +89,16 @@ def build_client() -> Any:
     )
 
 
+def has_async_client() -> bool:
+    """Whether the settings give the store an async client: a factory of its own, or the URL
+    when no synchronous factory wins over it (whose async twin cannot be guessed)."""
+    if settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT:
+        return True
+    return bool(settings.IDEMPOTENCY_REDIS_URL) and not settings.IDEMPOTENCY_REDIS_CLIENT
+
+
 def build_async_client() -> Any:
-    """A new ``redis.asyncio`` client from the settings, or ``None`` when they name only a
-    synchronous factory (whose async twin cannot be guessed)."""
+    """A new ``redis.asyncio`` client from the settings, where ``has_async_client()``."""
     path = settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT
     if path:
         try:
@@ -101,11 +108,10 @@ def build_async_client() -> Any:
                 f"IDEMPOTENCY_REDIS_ASYNC_CLIENT = {path!r} could not be imported: {exc}"
             ) from exc
         return factory()
-    url = settings.IDEMPOTENCY_REDIS_URL
-    if settings.IDEMPOTENCY_REDIS_CLIENT or not url:
-        return None
     return redis.asyncio.Redis.from_url(
-        url, socket_timeout=DEFAULT_SOCKET_TIMEOUT, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT
+        settings.IDEMPOTENCY_REDIS_URL,
+        socket_timeout=DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT,
     )
 
 
@@ -145,10 +151,7 @@ class RedisStorage(LuaStorage):
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
-        self._has_async = bool(
-            settings.IDEMPOTENCY_REDIS_ASYNC_CLIENT
-            or (settings.IDEMPOTENCY_REDIS_URL and not settings.IDEMPOTENCY_REDIS_CLIENT)
-        )
+        self._has_async = has_async_client()
 
     @property
     def client(self) -> Any:
