@@ -16,6 +16,7 @@ from typing import Any
 
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
+from django.core.cache.backends.redis import RedisCacheClient
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.conf import settings
@@ -40,6 +41,7 @@ class CacheStorage(LuaStorage):
         self._key_func = cache.key_func
         self._key_prefix = cache.key_prefix
         self._version = cache.version
+        self._writer: Any = None
 
     @property
     def cache(self) -> BaseCache:
@@ -63,11 +65,24 @@ class CacheStorage(LuaStorage):
     cache_key = record_key
 
     def client_for(self, key: str) -> Any:
+        writer = self._writer
+        if writer is not None:
+            return writer
         cache: Any = self.cache
         if hasattr(cache, "client"):  # django-redis
             client = cache.client
             # ShardClient picks the server from the key; the others have one writer.
             if hasattr(client, "get_server"):
                 return client.get_server(key)
-            return client.get_client(write=True)
-        return cache._cache.get_client(key, write=True)
+            writer = client.get_client(write=True)
+        else:
+            writer = cache._cache.get_client(key, write=True)
+            if type(cache._cache) is not RedisCacheClient:
+                return writer  # a custom client may pick the server from the key
+        # The one writer is kept for every thread: each thread's cache object would hand back a
+        # client of its own, but a redis-py client is thread-safe and rebuilds its connections
+        # after a fork, django-redis shares one pool per server between them anyway, and this
+        # store is rebuilt when CACHES changes. Asking the cache again cost a thread-local
+        # look-up and two calls per store call.
+        self._writer = writer
+        return writer

@@ -169,12 +169,7 @@ def claim_outcome(answer: Any, token: str) -> Claim:
     values = answer[1:]
     if len(values) != len(records.HELD_FIELDS):
         raise StoreError(f"claim answered {len(values)} fields of the held record")
-    held = {
-        name: records.text(value)
-        for name, value in zip(records.HELD_FIELDS, values, strict=True)
-        if value is not None
-    }
-    return Claim(record=records.to_record(held))
+    return Claim(record=records.held_record(values))
 
 
 class LuaStorage(BaseStorage):

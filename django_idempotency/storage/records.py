@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -30,12 +30,6 @@ MICROSECOND = timedelta(microseconds=1)
 def micros(moment: datetime) -> int:
     epoch = _EPOCH_NAIVE if moment.tzinfo is None else _EPOCH_AWARE
     return (moment - epoch) // MICROSECOND
-
-
-def moment(value: str | int) -> datetime:
-    # The engine compares these with its own clock, so match its awareness (USE_TZ).
-    epoch = _EPOCH_AWARE if django_settings.USE_TZ else _EPOCH_NAIVE
-    return epoch + int(value) * MICROSECOND
 
 
 def text(value: object) -> str:
@@ -84,7 +78,7 @@ def dump_response(response: StoredResponse) -> str:
     )
 
 
-def load_response(document: str) -> StoredResponse:
+def load_response(document: str | bytes) -> StoredResponse:
     data = json.loads(document)
     return StoredResponse(
         status=int(data["status"]),
@@ -93,21 +87,45 @@ def load_response(document: str) -> StoredResponse:
     )
 
 
-def to_record(fields: Mapping[str, Any]) -> Record:
+#: A state as a client hands it back: bytes, or text from a client that decodes responses.
+_STATES: dict[object, State] = {
+    **{state.value: state for state in State},
+    **{state.value.encode(): state for state in State},
+}
+
+
+def held_record(values: Sequence[object]) -> Record:
+    """The record from the values of its :data:`HELD_FIELDS`, in that order, ``None`` where
+    the record lacks the field: the claim script answers a lost claim this way.
+
+    A replay parses one of these on every request, so the values are read as they come (bytes
+    or text) without first building a mapping of them.
+    """
     try:
-        state = State(fields["state"])
-        document = fields.get("response")
+        state_value, fingerprint, created, lease_expires, expires, document = values
+        if None in (state_value, fingerprint, created, lease_expires, expires):
+            required = zip(HELD_FIELDS[:-1], values[:-1], strict=True)
+            missing = [name for name, value in required if value is None]
+            raise StoreError(f"unreadable idempotency record: no {', '.join(missing)}")
+        state = _STATES[state_value]
         response = None
         if state is State.COMPLETED and document:
-            response = load_response(document)
+            response = load_response(document)  # type: ignore[arg-type]
+        # The engine compares record times with its own clock: match its awareness (USE_TZ).
+        epoch = _EPOCH_AWARE if django_settings.USE_TZ else _EPOCH_NAIVE
         return Record(
-            fingerprint=str(fields["fingerprint"]),
+            fingerprint=text(fingerprint),
             state=state,
-            created_at=moment(fields["created"]),
-            lease_expires_at=moment(fields["lease_expires"]),
-            expires_at=moment(fields["expires"]),
+            created_at=epoch + int(created) * MICROSECOND,  # type: ignore[call-overload]
+            lease_expires_at=epoch + int(lease_expires) * MICROSECOND,  # type: ignore[call-overload]
+            expires_at=epoch + int(expires) * MICROSECOND,  # type: ignore[call-overload]
             response=response,
         )
     except (KeyError, ValueError, TypeError) as exc:
         # Not ours, or damaged: an outcome we cannot read is an outcome we must not guess.
         raise StoreError(f"unreadable idempotency record: {exc.__class__.__name__}") from exc
+
+
+def to_record(fields: Mapping[str, Any]) -> Record:
+    """The record from all its fields by name (a Redis hash read whole, a cache value)."""
+    return held_record([fields.get(name) for name in HELD_FIELDS])
