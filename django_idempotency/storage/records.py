@@ -67,19 +67,25 @@ def in_flight_fields(
     }
 
 
+#: One encoder for every stored response: ``json.dumps`` with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def dump_response(response: StoredResponse) -> str:
-    return json.dumps(
+    # The headers are pairs in tuples, which JSON writes as arrays.
+    return _encode(
         {
             "status": response.status,
-            "headers": [list(header) for header in response.headers],
+            "headers": response.headers,
             "body": base64.b64encode(response.body).decode("ascii"),
-        },
-        separators=(",", ":"),
+        }
     )
 
 
 def load_response(document: str | bytes) -> StoredResponse:
-    data = json.loads(document)
+    # Decoded first: json.loads on bytes detects their encoding in Python, which costs more than
+    # decoding the UTF-8 the document always is.
+    data = json.loads(text(document))
     return StoredResponse(
         status=int(data["status"]),
         headers=tuple((str(name), str(value)) for name, value in data["headers"]),
