@@ -1,4 +1,4 @@
-"""Every ``IDEMPOTENCY_*`` setting, read from ``django.conf.settings``.
+"""Every ``IDEMPOTENCY_*`` setting, and Django's ``USE_TZ``, read from ``django.conf.settings``.
 
 Each property returns the documented default when the setting is absent. A value is looked up
 once and kept until Django announces a change (``setting_changed``, which ``override_settings``
@@ -190,6 +190,12 @@ class Settings:
                 "https://django-idempotency.readthedocs.io/en/latest/problems/#",
             )
         )
+
+    @cached_property
+    def USE_TZ(self) -> bool:
+        """Django's own setting, kept here too: the engine's clock reads it on every request,
+        and a read through ``django.conf.settings`` costs as much as the clock itself."""
+        return bool(django_settings.USE_TZ)
 
     @cached_property
     def IDEMPOTENCY_ENABLED(self) -> bool:

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypedDict, TypeVar
 
@@ -38,7 +38,6 @@ from django.dispatch import Signal
 from django.http import HttpResponse
 from django.http.request import RawPostDataException
 from django.http.response import HttpResponseBase
-from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from django_idempotency import signals
@@ -116,8 +115,12 @@ async def _atimed(operation: str, call: Awaitable[_T]) -> _T:
 
 
 def now() -> datetime:
-    """The engine's clock, and the one way to move it: tests replace this function."""
-    return timezone.now()
+    """The engine's clock, and the one way to move it: tests replace this function.
+
+    What ``django.utils.timezone.now()`` answers, with ``USE_TZ`` read from this package's
+    settings, which keep it between changes: a fresh request reads the clock four times.
+    """
+    return datetime.now(timezone.utc if settings.USE_TZ else None)
 
 
 @functools.cache

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.http import HttpResponse
+from django.test import Client
 
 from django_idempotency import core, signals
 from django_idempotency.core import Flight, Policy
@@ -14,6 +16,7 @@ from django_idempotency.heartbeat import heartbeat
 from django_idempotency.storage import get_storage
 from django_idempotency.storage.db import DatabaseStorage
 from tests.faults import unreachable_database
+from tests.testapp.models import Payment
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -85,3 +88,28 @@ def test_a_settled_flight_ignores_later_calls_and_stops_beating() -> None:
     record = storage.get("s", "h")
     assert record is not None  # the retry's claim is untouched
     retry.release()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("use_tz", [False, True])
+def test_the_clock_and_the_records_follow_use_tz(settings: Any, use_tz: bool) -> None:
+    # USE_TZ is kept by the package's settings; a change must reach the clock and the records'
+    # times at once, or the engine would compare naive and aware datetimes.
+    settings.USE_TZ = not use_tz
+    assert (core.now().tzinfo is not None) is (not use_tz)
+    settings.USE_TZ = use_tz
+    assert (core.now().tzinfo is not None) is use_tz
+    client = Client()
+    answers = [
+        client.post(
+            "/mixin/payments/",
+            json.dumps({"amount": 10}),
+            content_type="application/json",
+            HTTP_IDEMPOTENCY_KEY=f"tz-{use_tz}",
+        )
+        for _ in range(2)
+    ]
+    assert [answer.status_code for answer in answers] == [201, 201]
+    assert answers[1]["Idempotent-Replayed"] == "true"
+    assert answers[1].content == answers[0].content
+    assert Payment.objects.count() == 1

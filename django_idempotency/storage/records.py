@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from django.conf import settings as django_settings
-
+from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
 from django_idempotency.storage.base import Record, State, StoredResponse
 
@@ -118,7 +117,7 @@ def held_record(values: Sequence[object]) -> Record:
         if state is State.COMPLETED and document:
             response = load_response(document)  # type: ignore[arg-type]
         # The engine compares record times with its own clock: match its awareness (USE_TZ).
-        epoch = _EPOCH_AWARE if django_settings.USE_TZ else _EPOCH_NAIVE
+        epoch = _EPOCH_AWARE if settings.USE_TZ else _EPOCH_NAIVE
         return Record(
             fingerprint=text(fingerprint),
             state=state,
