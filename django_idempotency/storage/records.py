@@ -99,7 +99,7 @@ _STATES: dict[object, State] = {
 }
 
 
-def held_record(values: Sequence[object]) -> Record:
+def held_record(values: Sequence[Any]) -> Record:
     """The record from the values of its :data:`HELD_FIELDS`, in that order, ``None`` where
     the record lacks the field: the claim script answers a lost claim this way.
 
@@ -115,15 +115,15 @@ def held_record(values: Sequence[object]) -> Record:
         state = _STATES[state_value]
         response = None
         if state is State.COMPLETED and document:
-            response = load_response(document)  # type: ignore[arg-type]
+            response = load_response(document)
         # The engine compares record times with its own clock: match its awareness (USE_TZ).
         epoch = _EPOCH_AWARE if settings.USE_TZ else _EPOCH_NAIVE
         return Record(
             fingerprint=text(fingerprint),
             state=state,
-            created_at=epoch + int(created) * MICROSECOND,  # type: ignore[call-overload]
-            lease_expires_at=epoch + int(lease_expires) * MICROSECOND,  # type: ignore[call-overload]
-            expires_at=epoch + int(expires) * MICROSECOND,  # type: ignore[call-overload]
+            created_at=epoch + int(created) * MICROSECOND,
+            lease_expires_at=epoch + int(lease_expires) * MICROSECOND,
+            expires_at=epoch + int(expires) * MICROSECOND,
             response=response,
         )
     except (KeyError, ValueError, TypeError) as exc:
