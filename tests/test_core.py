@@ -90,7 +90,6 @@ def test_a_settled_flight_ignores_later_calls_and_stops_beating() -> None:
     retry.release()
 
 
-@pytest.mark.django_db
 @pytest.mark.parametrize("use_tz", [False, True])
 def test_the_clock_and_the_records_follow_use_tz(settings: Any, use_tz: bool) -> None:
     # USE_TZ is kept by the package's settings; a change must reach the clock and the records'

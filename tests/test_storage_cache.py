@@ -241,6 +241,26 @@ def test_held_record_without_a_field_the_replay_needs_is_a_store_error(
         _claim(store, "k")
 
 
+@needs_redis
+def test_held_record_with_a_time_no_datetime_can_hold_is_a_store_error(
+    store: CacheStorage, raw: redis.Redis
+) -> None:
+    # Far past year 9999: still a number to the claim script (held), an OverflowError to Python.
+    far = 2**52
+    raw.hset(
+        store.cache_key(SCOPE, "k"),
+        mapping={
+            "state": "completed",
+            "fingerprint": "f",
+            "created": 10**20,
+            "lease_expires": far,
+            "expires": far,
+        },
+    )
+    with pytest.raises(StoreError, match="^unreadable idempotency record: OverflowError$"):
+        _claim(store, "k")
+
+
 # --- Redis unreachable ---------------------------------------------------------------------
 
 
@@ -540,14 +560,14 @@ def test_django_redis_shard_client_keeps_each_record_on_one_shard(settings: Any)
     assert isinstance(store, CacheStorage)
     clients = [redis.Redis.from_url(url) for url in shards]
     try:
-        keys = [f"k{i}" for i in range(8)]
+        keys = [f"k{i}" for i in range(24)]  # all on one shard: 1 run in 8 million
         for key in keys:
             claim = _claim(store, key)
             assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
             assert _claim(store, key).record.response == RESPONSE
         used = [client.keys(f"{name}:*") for client in clients]
         assert sum(len(found) for found in used) == len(keys)
-        assert all(used)  # 8 keys over 2 shards: both hold some
+        assert all(used)  # 24 keys over 2 shards: both hold some
     finally:
         for client in clients:
             found = client.keys(f"{name}:*")
@@ -556,13 +576,17 @@ def test_django_redis_shard_client_keeps_each_record_on_one_shard(settings: Any)
             client.close()
 
 
+def _shard(key: str, servers: int = 2) -> int:
+    return zlib.crc32(key.encode()) % servers
+
+
 class KeyShardedClient(RedisCacheClient):
     """A custom client of Django's RedisCache that picks the server from the key, as its
     ``get_client(key)`` signature invites."""
 
     def get_client(self, key: Any = None, *, write: bool = False) -> Any:
         client: Any = self  # Django's stubs leave the client's attributes out
-        index = zlib.crc32(str(key).encode()) % len(client._servers)
+        index = _shard(str(key), len(client._servers))
         if index not in client._pools:
             client._pools[index] = client._pool_class.from_url(
                 client._servers[index], **client._pool_options
@@ -587,13 +611,18 @@ def test_a_custom_redis_cache_client_is_asked_for_every_key(settings: Any) -> No
     assert isinstance(store, CacheStorage)
     clients = [redis.Redis.from_url(url) for url in shards]
     try:
-        for key in (f"k{i}" for i in range(8)):
+        # Keys until the client's own rule puts some on each server (the prefix is random).
+        keys: list[str] = []
+        while len(keys) < 8 or len({_shard(store.cache_key(SCOPE, k)) for k in keys}) < 2:
+            keys.append(f"k{len(keys)}")
+        for key in keys:
             claim = _claim(store, key)
             assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
             assert _claim(store, key).record.response == RESPONSE
-        used = [client.keys(f"{name}:*") for client in clients]
-        assert sum(len(found) for found in used) == 8
-        assert all(used)
+        for key in keys:
+            record = store.cache_key(SCOPE, key)
+            assert [client.exists(record) for client in clients][_shard(record)] == 1
+        assert sum(len(client.keys(f"{name}:*")) for client in clients) == len(keys)
     finally:
         for client in clients:
             found = client.keys(f"{name}:*")

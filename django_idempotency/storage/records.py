@@ -126,8 +126,9 @@ def held_record(values: Sequence[Any]) -> Record:
             expires_at=epoch + int(expires) * MICROSECOND,
             response=response,
         )
-    except (KeyError, ValueError, TypeError) as exc:
-        # Not ours, or damaged: an outcome we cannot read is an outcome we must not guess.
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        # Not ours, or damaged: an outcome we cannot read is an outcome we must not guess. A
+        # time beyond what a datetime holds is a number to the claim script, an overflow here.
         raise StoreError(f"unreadable idempotency record: {exc.__class__.__name__}") from exc
 
 
