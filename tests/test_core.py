@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.db import connections
 from django.http import HttpResponse
 from django.test import Client
 
@@ -90,14 +92,26 @@ def test_a_settled_flight_ignores_later_calls_and_stops_beating() -> None:
     retry.release()
 
 
+@pytest.fixture
+def reconnecting() -> Iterator[None]:
+    """Database connections opened afresh after the test: a connection reads USE_TZ when it
+    opens (PostgreSQL's and SQLite's datetime converters), and the settings fixture restores
+    the setting before this fixture's teardown runs."""
+    yield
+    connections.close_all()
+
+
 @pytest.mark.parametrize("use_tz", [False, True])
-def test_the_clock_and_the_records_follow_use_tz(settings: Any, use_tz: bool) -> None:
+def test_the_clock_and_the_records_follow_use_tz(
+    reconnecting: None, settings: Any, use_tz: bool
+) -> None:
     # USE_TZ is kept by the package's settings; a change must reach the clock and the records'
     # times at once, or the engine would compare naive and aware datetimes.
     settings.USE_TZ = not use_tz
     assert (core.now().tzinfo is not None) is (not use_tz)
     settings.USE_TZ = use_tz
     assert (core.now().tzinfo is not None) is use_tz
+    connections.close_all()  # the next query opens a connection that reads the new USE_TZ
     client = Client()
     answers = [
         client.post(

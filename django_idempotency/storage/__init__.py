@@ -35,6 +35,9 @@ _RELOAD_ON = frozenset(
         "IDEMPOTENCY_REDIS_WAIT_TIMEOUT",
         "CACHES",
         "DATABASES",
+        # The ORM store builds its claim statements once, with the converters the backend picks
+        # for the current USE_TZ (MariaDB's make datetimes aware only when it is on).
+        "USE_TZ",
     }
 )
 
