@@ -228,36 +228,29 @@ def test_damaged_record_is_a_store_error(store: CacheStorage, raw: redis.Redis) 
 
 
 @needs_redis
-def test_held_record_without_a_field_the_replay_needs_is_a_store_error(
-    store: CacheStorage, raw: redis.Redis
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        # Enough for the claim script to call it held, but no ``created``: the client refuses it.
+        ({}, "no created"),
+        # Far past year 9999: still a number to the claim script, an OverflowError to Python.
+        ({"created": 10**20}, "OverflowError"),
+    ],
+    ids=["missing-field", "time-out-of-range"],
+)
+def test_held_record_the_client_cannot_read_is_a_store_error(
+    store: CacheStorage, raw: redis.Redis, fields: dict[str, int], reason: str
 ) -> None:
-    # Enough for the claim script to call it held, but no ``created``: the client must refuse it.
     far = 2**52
-    raw.hset(
-        store.cache_key(SCOPE, "k"),
-        mapping={"state": "completed", "fingerprint": "f", "lease_expires": far, "expires": far},
-    )
-    with pytest.raises(StoreError, match="^unreadable idempotency record: no created$"):
-        _claim(store, "k")
-
-
-@needs_redis
-def test_held_record_with_a_time_no_datetime_can_hold_is_a_store_error(
-    store: CacheStorage, raw: redis.Redis
-) -> None:
-    # Far past year 9999: still a number to the claim script (held), an OverflowError to Python.
-    far = 2**52
-    raw.hset(
-        store.cache_key(SCOPE, "k"),
-        mapping={
-            "state": "completed",
-            "fingerprint": "f",
-            "created": 10**20,
-            "lease_expires": far,
-            "expires": far,
-        },
-    )
-    with pytest.raises(StoreError, match="^unreadable idempotency record: OverflowError$"):
+    held: dict[Any, Any] = {
+        "state": "completed",
+        "fingerprint": "f",
+        "lease_expires": far,
+        "expires": far,
+        **fields,
+    }
+    raw.hset(store.cache_key(SCOPE, "k"), mapping=held)
+    with pytest.raises(StoreError, match=f"^unreadable idempotency record: {reason}$"):
         _claim(store, "k")
 
 
@@ -545,10 +538,26 @@ def test_manage_py_check_fails_on_locmem_unless_silenced(settings: Any) -> None:
     call_command("check")
 
 
-@needs_redis
-def test_django_redis_shard_client_keeps_each_record_on_one_shard(settings: Any) -> None:
+@pytest.fixture
+def two_shards() -> Iterator[tuple[str, list[str], list[redis.Redis]]]:
+    """A fresh key prefix, the URLs of two Redis databases and a client on each; the records
+    under the prefix are deleted afterwards."""
     name = f"idem-test-{uuid.uuid4().hex[:12]}"
     shards = [redis_url_with_db(django_settings.REDIS_URL, db) for db in (13, 14)]
+    clients = [redis.Redis.from_url(url) for url in shards]
+    yield name, shards, clients
+    for client in clients:
+        found = client.keys(f"{name}:*")
+        if found:
+            client.delete(*found)
+        client.close()
+
+
+@needs_redis
+def test_django_redis_shard_client_keeps_each_record_on_one_shard(
+    settings: Any, two_shards: tuple[str, list[str], list[redis.Redis]]
+) -> None:
+    name, shards, clients = two_shards
     _use_cache(
         settings,
         BACKENDS["django-redis"],
@@ -558,22 +567,14 @@ def test_django_redis_shard_client_keeps_each_record_on_one_shard(settings: Any)
     )
     store = get_storage()
     assert isinstance(store, CacheStorage)
-    clients = [redis.Redis.from_url(url) for url in shards]
-    try:
-        keys = [f"k{i}" for i in range(24)]  # all on one shard: 1 run in 8 million
-        for key in keys:
-            claim = _claim(store, key)
-            assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
-            assert _claim(store, key).record.response == RESPONSE
-        used = [client.keys(f"{name}:*") for client in clients]
-        assert sum(len(found) for found in used) == len(keys)
-        assert all(used)  # 24 keys over 2 shards: both hold some
-    finally:
-        for client in clients:
-            found = client.keys(f"{name}:*")
-            if found:
-                client.delete(*found)
-            client.close()
+    keys = [f"k{i}" for i in range(24)]  # all on one shard: 1 run in 8 million
+    for key in keys:
+        claim = _claim(store, key)
+        assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
+        assert _claim(store, key).record.response == RESPONSE
+    used = [client.keys(f"{name}:*") for client in clients]
+    assert sum(len(found) for found in used) == len(keys)
+    assert all(used)  # 24 keys over 2 shards: both hold some
 
 
 def _shard(key: str, servers: int = 2) -> int:
@@ -601,40 +602,33 @@ class KeyShardedRedisCache(DjangoRedisCache):
 
 
 @needs_redis
-def test_a_custom_redis_cache_client_is_asked_for_every_key(settings: Any) -> None:
+def test_a_custom_redis_cache_client_is_asked_for_every_key(
+    settings: Any, two_shards: tuple[str, list[str], list[redis.Redis]]
+) -> None:
     # The store keeps the one writer of the stock clients, never the client a custom one picked
     # for the first key it saw.
-    name = f"idem-test-{uuid.uuid4().hex[:12]}"
-    shards = [redis_url_with_db(django_settings.REDIS_URL, db) for db in (13, 14)]
+    name, shards, clients = two_shards
     _use_cache(settings, f"{__name__}.KeyShardedRedisCache", shards, KEY_PREFIX=name)
     store = get_storage()
     assert isinstance(store, CacheStorage)
-    clients = [redis.Redis.from_url(url) for url in shards]
-    try:
-        # Keys until the client's own rule puts some on each server (the prefix is random).
-        keys: list[str] = []
-        while len(keys) < 8 or len({_shard(store.cache_key(SCOPE, k)) for k in keys}) < 2:
-            keys.append(f"k{len(keys)}")
-        for key in keys:
-            claim = _claim(store, key)
-            assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
-            assert _claim(store, key).record.response == RESPONSE
-        for key in keys:
-            record = store.cache_key(SCOPE, key)
-            assert [client.exists(record) for client in clients][_shard(record)] == 1
-        assert sum(len(client.keys(f"{name}:*")) for client in clients) == len(keys)
-    finally:
-        for client in clients:
-            found = client.keys(f"{name}:*")
-            if found:
-                client.delete(*found)
-            client.close()
+    # Keys until the client's own rule puts some on each server (the prefix is random).
+    keys: list[str] = []
+    while len(keys) < 8 or len({_shard(store.cache_key(SCOPE, k)) for k in keys}) < 2:
+        keys.append(f"k{len(keys)}")
+    for key in keys:
+        claim = _claim(store, key)
+        assert store.complete(SCOPE, key, claim.token, RESPONSE, now=_now())
+        assert _claim(store, key).record.response == RESPONSE
+    for key in keys:
+        record = store.cache_key(SCOPE, key)
+        assert [client.exists(record) for client in clients][_shard(record)] == 1
+    assert sum(len(client.keys(f"{name}:*")) for client in clients) == len(keys)
 
 
 @needs_redis
 @pytest.mark.django_db
 def test_django_redis_closing_its_connections_after_each_request(
-    settings: Any, monkeypatch: pytest.MonkeyPatch
+    settings: Any, monkeypatch: pytest.MonkeyPatch, raw: redis.Redis
 ) -> None:
     # CLOSE_CONNECTION disconnects the cache's pool when a request ends; the store's writer
     # (the same pool) connects again for the next request.
@@ -664,8 +658,4 @@ def test_django_redis_closing_its_connections_after_each_request(
     assert again.content == first.content
     assert again["Idempotent-Replayed"] == "true"
     assert Payment.objects.count() - before == 1
-    raw = redis.Redis.from_url(REDIS_URL)
-    try:
-        raw.delete(*raw.keys(f"{name}:*"))
-    finally:
-        raw.close()
+    raw.delete(*raw.keys(f"{name}:*"))
