@@ -141,6 +141,17 @@ def test_database_errors_become_store_errors() -> None:
             store.get("s", "h")
 
 
+def test_record_in_a_state_we_do_not_know_is_a_store_error(store: DatabaseStorage) -> None:
+    # A row edited by hand or by another program: its outcome cannot be guessed (503, not 500).
+    now = timezone.now()
+    assert store.claim("s", "h", "fp", now=now, lease=LEASE, ttl=TTL).won
+    IdempotencyKey.objects.update(state="archived")
+    with pytest.raises(StoreError, match="^unreadable idempotency record: state 'archived'$"):
+        store.claim("s", "h", "fp", now=now, lease=LEASE, ttl=TTL)
+    with pytest.raises(StoreError, match="unreadable"):
+        store.get("s", "h")
+
+
 # --- the claim's commit on PostgreSQL ---------------------------------------------------------
 
 postgres_only = pytest.mark.skipif(

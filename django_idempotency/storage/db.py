@@ -316,18 +316,25 @@ class DatabaseStorage(BaseStorage):
         return int(batch._raw_delete(self.using))
 
 
+_STATES = {state.value: state for state in State}
+
+
 def _to_record(values: list[object]) -> Record:
-    fingerprint, state, created, lease, expires, status, headers, body = values
+    fingerprint, state_value, created, lease, expires, status, headers, body = values
+    state = _STATES.get(state_value)  # type: ignore[call-overload]
+    if state is None:
+        # Written by hand or by another program: an outcome we cannot read is not guessed.
+        raise StoreError(f"unreadable idempotency record: state {state_value!r}")
     response = None
-    if state == State.COMPLETED.value and status is not None:
+    if state is State.COMPLETED and status is not None:
         response = StoredResponse(
             status=int(status),  # type: ignore[call-overload]
-            headers=tuple((str(k), str(v)) for k, v in headers),  # type: ignore[attr-defined]
+            headers=tuple([(str(k), str(v)) for k, v in headers]),  # type: ignore[attr-defined]
             body=bytes(body) if body is not None else b"",  # type: ignore[call-overload]
         )
     return Record(
         fingerprint=str(fingerprint),
-        state=State(state),
+        state=state,
         created_at=created,  # type: ignore[arg-type]
         lease_expires_at=lease,  # type: ignore[arg-type]
         expires_at=expires,  # type: ignore[arg-type]
@@ -366,15 +373,18 @@ class _ClaimStatement:
         self.holder_columns = ", ".join(qn(str(f.column)) for f in holder_fields)
         # What the ORM would apply to each column read back (datetimes on SQLite and MariaDB,
         # JSON text, memoryview bodies), so a raw row becomes the same values as a queryset's.
-        self.converters: list[tuple[Any, list[Any]]] = []
-        for model_field in holder_fields[1:]:
+        # Only the columns that have converters are listed: on PostgreSQL that is the JSON one.
+        self.converters: list[tuple[int, Any, list[Any]]] = []
+        for index, model_field in enumerate(holder_fields[1:]):
             col = model_field.get_col(meta.db_table)
-            self.converters.append(
-                (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
-            )
+            converters = connection.ops.get_db_converters(col) + col.get_db_converters(connection)
+            if converters:
+                self.converters.append((index, col, converters))
         # Per claim, the four strings go as they are (a CharField prepares a str to itself) and
-        # the three datetimes through their field; the constants were prepared here, once.
-        self.stamp_field = column("created_at")
+        # the three datetimes straight to the backend's adapter: they are the engine's own,
+        # aware exactly when USE_TZ is on, so the field's checks (a naive-datetime warning)
+        # have nothing to do, and skipping them saves a few microseconds per time on every
+        # claim. The constants were prepared here, once.
         self.prepared = {
             name: column(name).get_db_prep_save(value, connection)
             for name, value in _CLAIM_CONSTANTS.items()
@@ -397,7 +407,6 @@ class _ClaimStatement:
             + "".join(f"{qn(str(f.column))} = %s, " for f in self.stored_fields)
             + f"{expires} = {greatest}({expires}, %s) WHERE {owned} AND {qn('state')} = %s"
         )
-        self.expires_field = column("expires_at")
 
     @staticmethod
     def build(connection: BaseDatabaseWrapper, relaxed: bool) -> _ClaimStatement:
@@ -414,16 +423,16 @@ class _ClaimStatement:
         return f"INSERT INTO {self.table} ({self.columns}) VALUES ({self.placeholders})"
 
     def params(self, connection: BaseDatabaseWrapper, fresh: dict[str, Any]) -> list[Any]:
-        prepare, constant = self.stamp_field.get_db_prep_save, self.prepared
+        adapt, constant = connection.ops.adapt_datetimefield_value, self.prepared
         return [
             fresh["scope"],
             fresh["key_hash"],
             fresh["owner_token"],
             fresh["fingerprint"],
             constant["state"],
-            prepare(fresh["created_at"], connection),
-            prepare(fresh["lease_expires_at"], connection),
-            prepare(fresh["expires_at"], connection),
+            adapt(fresh["created_at"]),
+            adapt(fresh["lease_expires_at"]),
+            adapt(fresh["expires_at"]),
             constant["response_status"],
             constant["response_headers"],
             constant["response_body"],
@@ -466,7 +475,7 @@ class _ClaimStatement:
         params = [
             state,
             *(f.get_db_prep_save(value, connection) for f, value in values),
-            self.expires_field.get_db_prep_save(keep_until, connection),
+            connection.ops.adapt_datetimefield_value(keep_until),
             scope,
             key_hash,
             token,
@@ -479,12 +488,12 @@ class _ClaimStatement:
     def holder(
         self, connection: BaseDatabaseWrapper, row: Sequence[Any]
     ) -> tuple[Any, str, Record]:
-        pk, token, *raw = row
-        values = []
-        for value, (col, converters) in zip(raw, self.converters, strict=True):
+        pk, token, *values = row
+        for index, col, converters in self.converters:
+            value = values[index]
             for converter in converters:
                 value = converter(value, col, connection)
-            values.append(value)
+            values[index] = value
         return pk, str(token), _to_record(values)
 
 
