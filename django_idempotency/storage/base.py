@@ -39,6 +39,7 @@ __all__ = [
     "PurgeResult",
     "PurgeStop",
     "Record",
+    "STATES_BY_VALUE",
     "State",
     "StoredResponse",
     "new_token",
@@ -51,6 +52,15 @@ class State(str, enum.Enum):
     COMPLETED = "completed"
     #: Completed, but the response was streamed or too large to keep: retries get 409.
     UNAVAILABLE = "unavailable"
+
+
+#: Each state by the value a store reads back: text, or bytes from a Redis client that does not
+#: decode responses. A dictionary look-up, where ``State(value)`` costs several times more on a
+#: path every replay takes.
+STATES_BY_VALUE: dict[object, State] = {
+    **{state.value: state for state in State},
+    **{state.value.encode(): state for state in State},
+}
 
 
 @dataclass(frozen=True)

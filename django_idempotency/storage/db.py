@@ -35,6 +35,7 @@ from django_idempotency.exceptions import StoreError
 from django_idempotency.storage.base import (
     CLAIM_ATTEMPTS,
     PURGE_BATCH_SIZE,
+    STATES_BY_VALUE,
     BaseStorage,
     Claim,
     PurgeBatch,
@@ -316,12 +317,9 @@ class DatabaseStorage(BaseStorage):
         return int(batch._raw_delete(self.using))
 
 
-_STATES = {state.value: state for state in State}
-
-
 def _to_record(values: list[object]) -> Record:
     fingerprint, state_value, created, lease, expires, status, headers, body = values
-    state = _STATES.get(state_value)  # type: ignore[call-overload]
+    state = STATES_BY_VALUE.get(state_value)
     if state is None:
         # Written by hand or by another program: an outcome we cannot read is not guessed.
         raise StoreError(f"unreadable idempotency record: state {state_value!r}")

@@ -16,7 +16,7 @@ from typing import Any
 
 from django_idempotency.conf import settings
 from django_idempotency.exceptions import StoreError
-from django_idempotency.storage.base import Record, State, StoredResponse
+from django_idempotency.storage.base import STATES_BY_VALUE, Record, State, StoredResponse
 
 #: Bumped if the stored layout ever changes, so that old records are recognisable.
 FORMAT_VERSION = "1"
@@ -92,13 +92,6 @@ def load_response(document: str | bytes) -> StoredResponse:
     )
 
 
-#: A state as a client hands it back: bytes, or text from a client that decodes responses.
-_STATES: dict[object, State] = {
-    **{state.value: state for state in State},
-    **{state.value.encode(): state for state in State},
-}
-
-
 def held_record(values: Sequence[Any]) -> Record:
     """The record from the values of its :data:`HELD_FIELDS`, in that order, ``None`` where
     the record lacks the field: the claim script answers a lost claim this way.
@@ -112,7 +105,7 @@ def held_record(values: Sequence[Any]) -> Record:
             required = zip(HELD_FIELDS[:-1], values[:-1], strict=True)
             missing = [name for name, value in required if value is None]
             raise StoreError(f"unreadable idempotency record: no {', '.join(missing)}")
-        state = _STATES[state_value]
+        state = STATES_BY_VALUE[state_value]
         response = None
         if state is State.COMPLETED and document:
             response = load_response(document)
